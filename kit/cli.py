@@ -1,0 +1,154 @@
+"""The ``compkit`` command line.
+
+Exit codes
+----------
+0  success (``check``: every frozen input unchanged)
+1  a frozen input changed (``check``, ``candidates``; the report says which)
+2  bad input: study, eval set, model path, run folder (the message names it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kit.errors import CompkitError
+
+DEMO_STUDY = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.yaml"
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from kit.evalset import label_shares, summary
+    from kit.freeze import prepare
+
+    study, eval_set, _, inputs = prepare(args.study)
+    print(f"study {study.name!r}: valid")
+    print(f"eval set {inputs.eval_set_path}: {len(eval_set)} items, sha256 {eval_set.sha256[:16]}")
+    print(summary(eval_set).to_string(index=False))
+    shares = label_shares(eval_set)
+    if not shares.empty:
+        rare = shares[shares["share"] < study.eval_set.rare_label_threshold]
+        print(f"rare labels (< {study.eval_set.rare_label_threshold:.0%}): "
+              + (", ".join(f"{r.label} ({r.share:.1%})" for r in rare.itertuples()) or "none"))
+    print(f"models: {[study.baseline.name, *(c.name for c in study.candidates)]}")
+    return 0
+
+
+def _cmd_freeze(args: argparse.Namespace) -> int:
+    from kit.freeze import freeze_baseline
+
+    manifest = freeze_baseline(args.study, args.out, progress=not args.quiet)
+    _print_freeze_summary(manifest, Path(args.out))
+    return 0
+
+
+def _print_freeze_summary(manifest, out: Path) -> None:
+    scores = manifest.scores_frame()
+    main = scores[(scores["task"] == "all") & (scores["metric"].isin(["accuracy", "error_rate"]))]
+    per_task = scores[(scores["task"] != "all") & (scores["metric"] == "accuracy")]
+    print(f"\nfroze baseline {manifest.outputs.model!r} of study {manifest.study!r}: "
+          f"{manifest.outputs.items} items x {manifest.outputs.repeats} repeat(s) "
+          f"in {manifest.timings['wall_s']:.0f}s")
+    for r in main.itertuples():
+        print(f"  {r.metric}: {r.value:.3f} (n={r.n})")
+    for r in per_task.itertuples():
+        print(f"  accuracy[{r.task}]: {r.value:.3f} (n={r.n})")
+    print(f"manifest: {out / 'manifest.json'}")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from kit.freeze import check_frozen
+
+    report = check_frozen(args.run)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def _cmd_candidates(args: argparse.Namespace) -> int:
+    from kit.candidates import run_candidates
+
+    run = Path(args.run)
+    if args.study is not None:
+        _ensure_same_study(run, Path(args.study))
+    summary = run_candidates(run, only=args.only, force=args.force, progress=not args.quiet)
+    print(summary.to_string(index=False) if not summary.empty else "no finished candidates")
+    print(f"outcomes: {run / 'outcomes.parquet'}")
+    return 0
+
+
+def _ensure_same_study(run: Path, study: Path) -> None:
+    from kit.freeze import BaselineManifest
+
+    frozen_from = Path(BaselineManifest.load(run).inputs.study_file).resolve()
+    if frozen_from != study.resolve():
+        raise CompkitError(f"{run} was frozen from {frozen_from}, not {study}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kit.freeze import MANIFEST, BaselineManifest, check_frozen, freeze_baseline
+
+    out = Path(args.out)
+    if (out / MANIFEST).exists():
+        print(f"{out} is already frozen; checking it instead of re-running")
+        report = check_frozen(out)
+        print(report.render())
+        _print_freeze_summary(BaselineManifest.load(out), out)
+        return 0 if report.ok else 1
+    manifest = freeze_baseline(DEMO_STUDY, out, progress=not args.quiet)
+    _print_freeze_summary(manifest, out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compkit", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    from kit import __version__
+
+    parser.add_argument("--version", action="version", version=f"compkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a study and its eval set; print a summary")
+    p.add_argument("study", help="study YAML")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("freeze", help="stage 1: run the baseline and freeze it in a run folder")
+    p.add_argument("study", help="study YAML")
+    p.add_argument("--out", required=True, help="run folder to create, e.g. runs/my-study")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_freeze)
+
+    p = sub.add_parser("check", help="re-hash a frozen run's inputs; exit 1 when any changed")
+    p.add_argument("run", help="run folder")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("candidates", help="stage 2: run the study's candidates on the frozen inputs")
+    p.add_argument("study", nargs="?", help="study YAML (optional: the run folder knows its study)")
+    p.add_argument("--out", dest="run", required=True, help="the frozen run folder, e.g. runs/my-study")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this candidate (repeatable)")
+    p.add_argument("--force", action="store_true", help="discard and rerun finished candidates")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_candidates)
+
+    p = sub.add_parser("demo", help="freeze the built-in demo study (SmolLM2-135M, customer support)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CompkitError as exc:
+        print(f"compkit {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"compkit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Run one model over an eval set: requests in, one stored row per (item, repeat) out.
+
+This is where eval items meet a runtime. Items are length-sorted and cut into chunks; each
+chunk is generated (and, for classification / multiple choice, its options scored by
+logprob), turned into rows, and appended to the :class:`~kit.store.OutputStore` before the
+next chunk starts, so an interrupted run resumes at the next unfinished chunk.
+
+Seeds are derived from the study seed and the repeat index only, so the baseline and every
+candidate see the same seed for the same repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kit.evalset import EvalItem
+from kit.prompts import PromptBuilder
+from kit.runtimes.base import (
+    ChoiceRequest,
+    ChoiceScores,
+    Generation,
+    GenerationRequest,
+    Prompt,
+    Runtime,
+)
+from kit.store import OutputStore, now_iso, pending
+from kit.study import SamplingConfig
+
+#: Columns of a stored output row, in order.
+OUTPUT_COLUMNS = [
+    "model", "item_id", "repeat", "seed", "output", "prompt_tokens", "output_tokens", "ttft_s",
+    "latency_s", "tokens_per_s", "finish_reason", "batch_size", "token_logprobs",
+    "mean_token_prob", "min_token_prob", "choice_logprobs", "choice_n_tokens", "choice_probs",
+    "choice_pred", "choice_confidence", "confidence", "error", "error_class", "created_at",
+]
+
+
+def repeat_seed(study_seed: int, repeat: int) -> int:
+    """Seed of a repeat: a stable hash of (study seed, repeat), below 2**31."""
+    digest = hashlib.sha256(f"{study_seed}:{repeat}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass
+class RunPlan:
+    """Everything needed to run one model; built once, reused across repeats."""
+
+    model_name: str
+    items: Sequence[EvalItem]
+    prompts: dict[str, Prompt]
+    continuations: dict[str, tuple[str, ...]]
+    prompt_tokens: dict[str, int]
+    sampling: SamplingConfig
+    repeats: int
+
+    @classmethod
+    def build(cls, *, model_name: str, items: Sequence[EvalItem], builder: PromptBuilder,
+              runtime: Runtime, sampling: SamplingConfig, repeats: int) -> RunPlan:
+        """Render prompts with ``builder`` (the baseline, at freeze time)."""
+        prompts = {it.id: builder.render(it) for it in items}
+        conts = {it.id: c for it in items if (c := builder.continuations(it))}
+        return cls.from_prompts(model_name=model_name, items=items, prompts=prompts, continuations=conts,
+                                runtime=runtime, sampling=sampling, repeats=repeats)
+
+    @classmethod
+    def from_prompts(cls, *, model_name: str, items: Sequence[EvalItem], prompts: dict[str, Prompt],
+                     continuations: dict[str, tuple[str, ...]], runtime: Runtime,
+                     sampling: SamplingConfig, repeats: int) -> RunPlan:
+        """Use already rendered prompts (candidates reuse the frozen ones exactly)."""
+        conts = continuations
+        try:
+            tokens = {i: runtime.count_tokens(p) for i, p in prompts.items()}
+        except NotImplementedError:  # remote runtimes: approximate by characters / 4
+            tokens = {i: max(1, len(_prompt_chars(p)) // 4) for i, p in prompts.items()}
+        return cls(model_name, items, prompts, conts, tokens, sampling, repeats)
+
+    def keys(self) -> list[tuple[str, int]]:
+        """(item, repeat) keys, longest prompts first within each repeat."""
+        order = sorted(self.items, key=lambda it: (-self.prompt_tokens[it.id], it.id))
+        return [(it.id, r) for r in range(self.repeats) for it in order]
+
+
+def _prompt_chars(p: Prompt) -> str:
+    return p.text if p.text is not None else "".join(m["content"] for m in p.messages or ())
+
+
+def run_model(runtime: Runtime, plan: RunPlan, store: OutputStore, *, chunk_size: int | None = None,
+              score_choices: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Run every pending (item, repeat) of ``plan`` and append rows to ``store``.
+
+    Returns all stored rows of this model (earlier runs included).
+    """
+    runtime.expect_ids([it.id for it in plan.items], repeats=plan.repeats)
+    todo = pending(plan.keys(), store.done_keys())
+    size = chunk_size or max(1, runtime.spec.batch_size * 4)
+    scoring = score_choices and runtime.supports_choice_scoring
+    bar = tqdm(total=len(plan.keys()), initial=len(plan.keys()) - len(todo), unit="item",
+               desc=f"{plan.model_name}", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            frame = _run_chunk(runtime, plan, chunk, scoring=scoring)
+            store.append(frame)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    rows = store.read()
+    store.mark_complete(model=plan.model_name, rows=len(rows), repeats=plan.repeats)
+    return rows
+
+
+def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]], *, scoring: bool) -> pd.DataFrame:
+    seeds = {r: repeat_seed(plan.sampling.seed, r) for _, r in chunk}
+    gen_requests = [GenerationRequest(i, plan.prompts[i], seeds[r]) for i, r in chunk]
+    # one generate call per repeat so a batch never mixes seeds
+    generations: dict[tuple[str, int], Generation] = {}
+    for r in sorted(seeds):
+        reqs = [g for g, (_, rr) in zip(gen_requests, chunk, strict=True) if rr == r]
+        for g in runtime.generate(reqs, sampling=plan.sampling):
+            generations[(g.item_id, r)] = g
+    scores: dict[str, ChoiceScores] = {}
+    choice_ids = sorted({i for i, _ in chunk if i in plan.continuations})
+    if scoring and choice_ids:  # choice logprobs do not depend on the seed: score once per item
+        reqs = [ChoiceRequest(i, plan.prompts[i], plan.continuations[i]) for i in choice_ids]
+        scores = {s.item_id: s for s in runtime.score_choices(reqs)}
+    created = now_iso()
+    rows = [_row(plan.model_name, generations[(i, r)], scores.get(i), r, seeds[r], created)
+            for i, r in chunk]
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+def _row(model: str, g: Generation, s: ChoiceScores | None, repeat: int, seed: int, created: str) -> dict:
+    lp = g.token_logprobs
+    probs = np.exp(lp) if lp else None
+    row = {
+        "model": model, "item_id": g.item_id, "repeat": repeat, "seed": seed, "output": g.text,
+        "prompt_tokens": g.prompt_tokens, "output_tokens": g.output_tokens, "ttft_s": g.ttft_s,
+        "latency_s": g.latency_s,
+        "tokens_per_s": (g.output_tokens / g.latency_s) if g.output_tokens and g.latency_s else None,
+        "finish_reason": g.finish_reason, "batch_size": g.batch_size,
+        "token_logprobs": list(map(float, lp)) if lp else None,
+        "mean_token_prob": float(probs.mean()) if probs is not None else None,
+        "min_token_prob": float(probs.min()) if probs is not None else None,
+        "choice_logprobs": None, "choice_n_tokens": None, "choice_probs": None,
+        "choice_pred": None, "choice_confidence": None,
+        "confidence": g.confidence,  # reported by the runtime itself (predictions files)
+        "error": g.error, "error_class": g.error_class, "created_at": created,
+    }
+    if s is not None and s.error is None:
+        norm = choice_probabilities(s.logprobs)
+        row.update(choice_logprobs=list(map(float, s.logprobs)), choice_n_tokens=list(s.n_tokens),
+                   choice_probs=norm.tolist(), choice_pred=int(norm.argmax()),
+                   choice_confidence=float(norm.max()))
+    elif s is not None and g.error is None:
+        row.update(error=s.error, error_class=s.error_class)
+    return row
+
+
+def choice_probabilities(logprobs: Sequence[float]) -> np.ndarray:
+    """Softmax over the options' summed logprobs: P(option | one of the options)."""
+    x = np.asarray(logprobs, dtype=float)
+    if not np.isfinite(x).any():
+        return np.full(len(x), 1.0 / len(x))
+    x = x - np.nanmax(x[np.isfinite(x)])
+    p = np.where(np.isfinite(x), np.exp(x), 0.0)
+    return p / p.sum()
+

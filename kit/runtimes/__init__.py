@@ -1,0 +1,78 @@
+"""Runtime registry: name -> where the class lives, plus metadata.
+
+Classes are imported only when used, so ``import kit`` never loads torch or llama_cpp,
+and a missing optional dependency produces a message naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kit.errors import CompkitError, DependencyMissing
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kit.runtimes.base import Runtime
+    from kit.study import ModelSpec
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    name: str
+    target: str  # "module:Class"
+    description: str
+    requires: str  # top-level module that must be importable
+    extra: str  # pip extra that provides it
+    logprobs: bool  # can report token logprobs / score choices
+    in_process: bool
+
+
+RUNTIMES: dict[str, RuntimeInfo] = {
+    "transformers": RuntimeInfo(
+        name="transformers",
+        target="kit.runtimes.hf:TransformersRuntime",
+        description="Hugging Face transformers in this process (CPU or CUDA); HF folders, "
+                    "GGUF via gguf_file, or builtin:<name> models",
+        requires="transformers", extra="core", logprobs=True, in_process=True,
+    ),
+    "llamacpp": RuntimeInfo(
+        name="llamacpp",
+        target="kit.runtimes.llamacpp:LlamaCppRuntime",
+        description="llama.cpp in this process (llama_cpp.Llama) for GGUF files",
+        requires="llama_cpp", extra="llamacpp", logprobs=True, in_process=True,
+    ),
+    "openai": RuntimeInfo(
+        name="openai",
+        target="kit.runtimes.openai:OpenAIRuntime",
+        description="any OpenAI-compatible server (/v1/chat/completions, /v1/completions): "
+                    "vLLM, TGI, llama.cpp server, Ollama",
+        requires="httpx", extra="core", logprobs=True, in_process=False,
+    ),
+    "predictions": RuntimeInfo(
+        name="predictions",
+        target="kit.runtimes.predictions:PredictionsRuntime",
+        description="a JSONL file of predictions made elsewhere (id, output[, confidence, latency])",
+        requires="pandas", extra="core", logprobs=False, in_process=False,
+    ),
+}
+
+
+def runtime_class(name: str) -> type[Runtime]:
+    """Import and return the runtime class registered as ``name``."""
+    if name not in RUNTIMES:
+        raise CompkitError(f"unknown runtime {name!r}; available: {sorted(RUNTIMES)}")
+    info = RUNTIMES[name]
+    try:
+        importlib.import_module(info.requires)
+    except ImportError:
+        raise DependencyMissing(info.requires, info.extra, f"runtime {name!r}") from None
+    module_name, cls_name = info.target.split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def open_runtime(spec: ModelSpec, *, base_dir: Path | None = None) -> Runtime:
+    """Instantiate the runtime a model spec names (loads the model)."""
+    return runtime_class(spec.runtime)(spec, base_dir=base_dir)

@@ -1,0 +1,627 @@
+"""Hugging Face transformers runtime: a causal LM in this process, on CPU or CUDA.
+
+Loads a local folder (safetensors only, never pickles, never remote code), a GGUF inside a
+folder (``gguf_file``), or ``builtin:<name>`` (see :mod:`kit.models`). Recipes that build a
+modified model in memory hand it in with :meth:`TransformersRuntime.from_model`.
+
+Generation runs length-sorted, left-padded batches through ``model.generate``. Two small
+hooks ride along every decoding step instead of ``output_scores``: a logits processor that
+keeps a reference to the final processed scores, and a stopping criterion that turns them
+into the chosen token's logprob, timestamps the step, and notes which rows finished (EOS
+or a stop string). That gives per-item ``token_logprobs``, ``ttft_s`` and ``latency_s`` at
+the cost of one ``logsumexp`` per step, without storing a vocabulary-sized tensor per step.
+
+Sampling settings come only from the study's :class:`~kit.study.SamplingConfig`: the
+model's own ``generation_config`` sampling defaults (temperature, top_k, repetition
+penalty ...) are neutralised, so every runtime decodes under the same rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from kit.errors import CompkitError
+from kit.models import (
+    BUILTIN_PREFIX,
+    identity_files,
+    read_source_record,
+    resolve_model_dir,
+    weights_identity,
+)
+from kit.runtimes.base import (
+    ChoiceRequest,
+    ChoiceScores,
+    Generation,
+    GenerationRequest,
+    ModelIdentity,
+    Progress,
+    Prompt,
+    Runtime,
+)
+from kit.study import ModelSpec, SamplingConfig
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Generation settings that would change decoding if a model's generation_config set them.
+_NEUTRAL_GENERATION = {
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "renormalize_logits": False,
+    "output_scores": False,
+    "output_logits": False,
+    "return_dict_in_generate": False,
+}
+#: Sampling warpers transformers would add itself; ours run before the score tap instead.
+_NEUTRAL_SAMPLING = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a loaded model came from."""
+
+    folder: Path
+    gguf_file: str | None
+    builtin: str | None
+
+
+@dataclass
+class _Encoded:
+    """One generation request, tokenized."""
+
+    index: int
+    request: GenerationRequest
+    ids: list[int]
+
+
+class TransformersRuntime(Runtime):
+    """A transformers causal LM behind the :class:`~kit.runtimes.base.Runtime` interface.
+
+    Parameters
+    ----------
+    spec
+        ``spec.model`` is ``builtin:<name>``, a folder, or a ``.gguf`` file; ``gguf_file``
+        picks a GGUF inside the folder; ``dtype``, ``device`` ("auto" = CUDA when
+        available) and ``batch_size`` apply.
+    base_dir
+        Folder that relative model paths are resolved against.
+
+    Examples
+    --------
+    >>> spec = ModelSpec(name="base", runtime="transformers",
+    ...                  model="builtin:smollm2-135m-instruct")  # doctest: +SKIP
+    >>> with TransformersRuntime(spec) as rt:  # doctest: +SKIP
+    ...     rt.generate([GenerationRequest("q1", Prompt(text="Hello"), seed=1)],
+    ...                 sampling=SamplingConfig(max_new_tokens=8))
+    """
+
+    name = "transformers"
+
+    def __init__(self, spec: ModelSpec, *, base_dir: Path | None = None):
+        super().__init__(spec, base_dir=base_dir)
+        self._source = _locate(spec, self.base_dir)
+        self.model, self.tokenizer = _load(self._source, spec)
+        self._prepare()
+
+    @classmethod
+    def from_model(
+        cls, model: Any, tokenizer: Any, spec: ModelSpec, *, base_dir: Path | None = None
+    ) -> TransformersRuntime:
+        """Wrap a model already in memory (e.g. one a compression recipe modified).
+
+        The model stays on its device and is put in eval mode; the tokenizer is not
+        modified. :meth:`identity` hashes the model's state dict instead of files.
+        """
+        self = cls.__new__(cls)
+        Runtime.__init__(self, spec, base_dir=base_dir)
+        self._source = None
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self._prepare()
+        return self
+
+    def _prepare(self) -> None:
+        self.device = next(self.model.parameters()).device
+        self._identity: ModelIdentity | None = None
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        forward = inspect.signature(self.model.forward).parameters
+        self._forward_takes = {k for k in ("position_ids", "logits_to_keep") if k in forward}
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The prompt as the model reads it (chat template applied for chat prompts)."""
+        if prompt.text is not None:
+            return prompt.text
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CompkitError(f"model {self.spec.name!r} ({self.spec.model}): the tokenizer has "
+                               "no chat template; use prompt.chat: false for this model")
+        return self.tokenizer.apply_chat_template(
+            [dict(m) for m in prompt.messages or ()], add_generation_prompt=True, tokenize=False
+        )
+
+    def _encode_text(self, text: str, *, chat: bool) -> list[int]:
+        # a chat template already holds the special tokens; plain text gets the usual ones
+        return list(self.tokenizer(text, add_special_tokens=not chat).input_ids)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of the prompt, unpadded."""
+        return self._encode_text(self.prompt_text(prompt), chat=prompt.messages is not None)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.encode_prompt(prompt))
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        sampling: SamplingConfig,
+        progress: Progress | None = None,
+    ) -> list[Generation]:
+        encoded = [_Encoded(i, r, self.encode_prompt(r.prompt)) for i, r in enumerate(requests)]
+        encoded.sort(key=lambda e: (-len(e.ids), e.index))
+        results: list[Generation | None] = [None] * len(encoded)
+        for batch in _chunks(encoded, self.spec.batch_size):
+            generations = _split_on_oom(
+                batch, lambda b: self._generate_batch(b, sampling), self._oom_generations
+            )
+            for enc, gen in zip(batch, generations, strict=True):
+                results[enc.index] = gen
+            if progress is not None:
+                progress(len(batch))
+        return [r for r in results if r is not None]
+
+    def _generate_batch(self, batch: list[_Encoded], sampling: SamplingConfig) -> list[Generation]:
+        start = time.perf_counter()
+        input_ids, attention_mask = self._left_pad([e.ids for e in batch])
+        tap = _ScoreTap()
+        watch = _StepWatch(
+            tap, eos_ids=self.eos_ids, stop=sampling.stop, tokenizer=self.tokenizer,
+            prompt_len=input_ids.shape[1], device=self.device,
+        )
+        processors = LogitsProcessorList([*_warpers(sampling), tap])
+        if not sampling.greedy:
+            torch.manual_seed(batch[0].request.seed)
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=self._generation_config(sampling),
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([watch]),
+            )
+        generated = sequences[:, input_ids.shape[1]:].tolist()
+        logprobs = watch.logprobs_by_row()
+        return [
+            self._finish(enc, generated[row], logprobs[row], watch, row, start, sampling, len(batch))
+            for row, enc in enumerate(batch)
+        ]
+
+    def _finish(self, enc: _Encoded, generated: list[int], logprobs: list[float],
+                watch: _StepWatch, row: int, start: float, sampling: SamplingConfig,
+                batch_size: int) -> Generation:
+        step = watch.finished_at[row]
+        n = len(watch.times) if step is None else step + 1
+        text = _cut_at_stop(self.tokenizer.decode(generated[:n], skip_special_tokens=True), sampling.stop)
+        return Generation(
+            item_id=enc.request.item_id,
+            text=text,
+            prompt_tokens=len(enc.ids),
+            output_tokens=n,
+            ttft_s=watch.times[0] - start if watch.times else None,
+            latency_s=watch.times[n - 1] - start if n else None,
+            token_logprobs=logprobs[:n],
+            finish_reason="length" if step is None else "stop",
+            batch_size=batch_size,
+        )
+
+    def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
+        settings: dict[str, Any] = {
+            **_NEUTRAL_GENERATION,
+            "max_new_tokens": sampling.max_new_tokens,
+            "do_sample": not sampling.greedy,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": self.eos_ids or None,
+        }
+        if not sampling.greedy:
+            settings.update(_NEUTRAL_SAMPLING)  # our own warpers run before the score tap
+        return GenerationConfig(**settings)
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @staticmethod
+    def _oom_generations(enc: _Encoded, exc: BaseException) -> Generation:
+        return Generation(item_id=enc.request.item_id, text="", prompt_tokens=len(enc.ids),
+                          error=f"out of memory generating for a {len(enc.ids)}-token prompt "
+                                f"even alone: {exc}",
+                          error_class="runtime_error")
+
+    # ------------------------------------------------------------------ score choices
+
+    def score_choices(
+        self, requests: Sequence[ChoiceRequest], *, progress: Progress | None = None
+    ) -> list[ChoiceScores]:
+        """Sum of continuation-token logprobs after each prompt (lm-evaluation-harness rule).
+
+        Context and context+continuation are encoded separately (trailing whitespace of the
+        context moves to the continuation) and the continuation is the tokens after the
+        context's. A request's ``latency_s`` is its share of the forward passes it used.
+        """
+        pairs = self._choice_pairs(requests)
+        pending = [0] * len(requests)
+        for p in pairs:
+            pending[p.request] += 1
+        scores = [[0.0] * len(r.continuations) for r in requests]
+        n_tokens = [[0] * len(r.continuations) for r in requests]
+        latency = [0.0] * len(requests)
+        if progress is not None and (empty := sum(1 for n in pending if n == 0)):
+            progress(empty)
+        todo = sorted((p for p in pairs if p.target), key=lambda p: -len(p.context) - len(p.target))
+        for p in pairs:
+            if not p.target:
+                pending[p.request] -= 1
+        for batch in _chunks(todo, self.spec.batch_size * 4):
+            start = time.perf_counter()
+            sums = _split_on_oom(batch, self._score_batch, _raise_oom)
+            share = (time.perf_counter() - start) / len(batch)
+            done = 0
+            for pair, value in zip(batch, sums, strict=True):
+                scores[pair.request][pair.choice] = value
+                n_tokens[pair.request][pair.choice] = len(pair.target)
+                latency[pair.request] += share
+                pending[pair.request] -= 1
+                done += pending[pair.request] == 0
+            if progress is not None and done:
+                progress(done)
+        return [
+            ChoiceScores(item_id=r.item_id, logprobs=scores[i], n_tokens=n_tokens[i], latency_s=latency[i])
+            for i, r in enumerate(requests)
+        ]
+
+    def _choice_pairs(self, requests: Sequence[ChoiceRequest]) -> list[_Pair]:
+        pairs = []
+        for i, req in enumerate(requests):
+            context = self.prompt_text(req.prompt)
+            chat = req.prompt.messages is not None
+            for j, cont in enumerate(req.continuations):
+                ctx_ids, target = self._encode_pair(context, cont, chat=chat)
+                pairs.append(_Pair(i, j, ctx_ids, target))
+        return pairs
+
+    def _encode_pair(self, context: str, continuation: str, *, chat: bool) -> tuple[list[int], list[int]]:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self._encode_text(context + continuation, chat=chat)
+        ctx = self._encode_text(context, chat=chat)
+        if not ctx:  # nothing to condition on: start from a special token, as lm-eval does
+            start = self.tokenizer.bos_token_id
+            return [start if start is not None else self.pad_id], whole
+        return ctx, whole[len(ctx):]
+
+    def _score_batch(self, batch: list[_Pair]) -> list[float]:
+        rows = [(p.context + p.target)[:-1] for p in batch]
+        input_ids, attention_mask = self._left_pad(rows)
+        keep = max(len(p.target) for p in batch)
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+        if "position_ids" in self._forward_takes:
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if "logits_to_keep" in self._forward_takes:
+            kwargs["logits_to_keep"] = keep
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, **kwargs).logits[:, -keep:].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.full((len(batch), keep), 0, dtype=torch.long, device=logits.device)
+        valid = torch.zeros((len(batch), keep), dtype=torch.bool, device=logits.device)
+        for i, p in enumerate(batch):
+            targets[i, keep - len(p.target):] = torch.tensor(p.target, dtype=torch.long)
+            valid[i, keep - len(p.target):] = True
+        picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        return picked.masked_fill(~valid, 0.0).sum(-1).tolist()
+
+    # ------------------------------------------------------------------ identity
+
+    def identity(self) -> ModelIdentity:
+        if self._identity is None:
+            self._identity = self._describe()
+        return self._identity
+
+    def _describe(self) -> ModelIdentity:
+        common = {
+            "runtime": self.name,
+            "runtime_version": f"transformers {transformers.__version__}; torch {torch.__version__}",
+            "model": self.spec.model,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+        if self._source is None:
+            digest, size = state_dict_sha256(self.model)
+            extra = {"source": "in-memory model", "tokenizer_sha256": _tokenizer_sha256(self.tokenizer)}
+            return ModelIdentity(weights_sha256=digest, size_bytes=size, extra=extra, **common)
+        src = self._source
+        combined, files, size = weights_identity(src.folder, gguf_file=src.gguf_file)
+        extra: dict[str, Any] = {"path": str(src.folder), "gguf_file": src.gguf_file}
+        if src.builtin is not None:
+            record = read_source_record(src.folder) or {}
+            extra.update(builtin=src.builtin, source_gguf_file=record.get("gguf_file"),
+                         source_gguf_sha256=record.get("gguf_sha256"))
+        return ModelIdentity(weights_sha256=combined, files=files, size_bytes=size, extra=extra, **common)
+
+    def close(self) -> None:
+        model = getattr(self, "model", None)
+        self.model = None
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- decoding hooks
+
+
+class _ScoreTap(LogitsProcessor):
+    """Last logits processor: keeps the final processed scores of the current step."""
+
+    def __init__(self) -> None:
+        self.scores: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.scores = scores
+        return scores
+
+
+class _StepWatch(StoppingCriteria):
+    """Called after each decoding step: logprob of the chosen tokens, time, finished rows."""
+
+    def __init__(self, tap: _ScoreTap, *, eos_ids: list[int], stop: Sequence[str], tokenizer: Any,
+                 prompt_len: int, device: torch.device):
+        self.tap = tap
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.stop = [s for s in stop if s]
+        # a stop string spans at most 4 byte-level tokens per character, plus a margin
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 4
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.steps: list[torch.Tensor] = []
+        self.times: list[float] = []
+        self.finished_at: list[int | None] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        tokens = input_ids[:, -1]
+        step_scores = self.tap.scores
+        assert step_scores is not None, "the score tap did not run before the stopping criterion"
+        chosen = step_scores.gather(1, tokens[:, None]).squeeze(1)
+        self.steps.append(chosen - torch.logsumexp(step_scores, dim=-1))
+        done = torch.isin(tokens, self.eos) if self.eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
+        flags = done.tolist()  # waits for the device: the step's tokens exist now
+        self.times.append(time.perf_counter())
+        step = len(self.times) - 1
+        if not self.finished_at:
+            self.finished_at = [None] * len(flags)
+        hits = self._stop_string_hits(input_ids) if self.stop else flags
+        for row, (hit, stop_hit) in enumerate(zip(flags, hits, strict=True)):
+            if self.finished_at[row] is None and (hit or stop_hit):
+                self.finished_at[row] = step
+        return torch.tensor([s is not None for s in self.finished_at], device=input_ids.device)
+
+    def _stop_string_hits(self, input_ids: torch.LongTensor) -> list[bool]:
+        """Rows whose last generated tokens contain a stop string."""
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()
+        hits = []
+        for tail, done in zip(tails, self.finished_at, strict=True):
+            text = self.tokenizer.decode(tail, skip_special_tokens=False) if done is None else ""
+            hits.append(any(s in text for s in self.stop))
+        return hits
+
+    def logprobs_by_row(self) -> list[list[float]]:
+        if not self.steps:
+            return []
+        return torch.stack(self.steps, dim=1).float().cpu().tolist()
+
+
+def _warpers(sampling: SamplingConfig) -> list[LogitsProcessor]:
+    """Temperature and top-p, applied before the score tap (logprobs are post-warping)."""
+    if sampling.greedy:
+        return []
+    warpers: list[LogitsProcessor] = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return warpers
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _locate(spec: ModelSpec, base_dir: Path) -> _Source:
+    path = resolve_model_dir(spec.model, base_dir=base_dir)
+    builtin = spec.model.removeprefix(BUILTIN_PREFIX) if spec.model.startswith(BUILTIN_PREFIX) else None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CompkitError(f"model {spec.model!r} ({spec.name}): {path} is a file but not a "
+                               ".gguf; give the model folder instead")
+        if spec.gguf_file not in (None, path.name):
+            raise CompkitError(f"model {spec.name!r}: model names the GGUF {path.name} but "
+                               f"gguf_file says {spec.gguf_file!r}")
+        return _Source(path.parent, path.name, builtin)
+    identity_files(path, gguf_file=spec.gguf_file)  # refuses pickle-only or empty folders
+    return _Source(path, spec.gguf_file, builtin)
+
+
+def _device(spec: ModelSpec) -> torch.device:
+    if spec.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError as exc:
+        raise CompkitError(f"model {spec.name!r}: device {spec.device!r} is not a torch device") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompkitError(f"model {spec.name!r}: device {spec.device!r} asked for, but torch sees "
+                           "no CUDA device here; use device: cpu or auto")
+    return device
+
+
+def _load(source: _Source, spec: ModelSpec) -> tuple[Any, Any]:
+    common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    if source.gguf_file:
+        common["gguf_file"] = source.gguf_file
+    dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    device = _device(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder, dtype=dtype, use_safetensors=None if source.gguf_file else True, **common
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, padding_side="left", **common)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CompkitError(f"model {spec.name!r}: cannot load {spec.model!r} from {source.folder} "
+                           f"with transformers: {exc}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        for i in value if isinstance(value, list | tuple) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+# ---------------------------------------------------------------------- identity helpers
+
+
+def state_dict_sha256(model: Any) -> tuple[str, int]:
+    """sha256 over the names, dtypes, shapes and bytes of a model's state dict.
+
+    Returns
+    -------
+    tuple
+        ``(hex digest, total tensor bytes)``. Quantized tensors hash their integer values
+        and quantization parameters; other non-tensor entries hash their ``repr``.
+    """
+    h = hashlib.sha256()
+    size = 0
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0")
+        size += _hash_value(h, value)
+    return h.hexdigest(), size
+
+
+def _hash_value(h: Any, value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.is_quantized:
+            h.update(f"q{t.qscheme()}".encode())
+            size = _hash_value(h, t.int_repr())
+            if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                h.update(f"{t.q_scale()}:{t.q_zero_point()}".encode())
+            else:
+                size += _hash_value(h, t.q_per_channel_scales())
+                size += _hash_value(h, t.q_per_channel_zero_points())
+            return size
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(raw.tobytes())
+        return raw.nbytes
+    if isinstance(value, list | tuple):
+        return sum(_hash_value(h, v) for v in value)
+    h.update(repr(value).encode())
+    return 0
+
+
+def _tokenizer_sha256(tokenizer: Any) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    payload = backend.to_str() + "\0" + str(getattr(tokenizer, "chat_template", None) or "")
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- batching helpers
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One (request, continuation) to score: context ids and continuation ids."""
+
+    request: int
+    choice: int
+    context: list[int]
+    target: list[int]
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _split_on_oom(batch: list[T], run: Callable[[list[T]], list[R]],
+                  alone: Callable[[T, BaseException], R]) -> list[R]:
+    """Run a batch; on out-of-memory retry it in halves, down to single items.
+
+    An item that runs out of memory even alone becomes ``alone(item, exc)``.
+    """
+    try:
+        return run(batch)
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            return [alone(batch[0], exc)]
+    half = len(batch) // 2
+    return _split_on_oom(batch[:half], run, alone) + _split_on_oom(batch[half:], run, alone)
+
+
+def _raise_oom(item: Any, exc: BaseException) -> Any:
+    raise exc

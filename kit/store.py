@@ -1,0 +1,135 @@
+"""Crash-safe, resumable per-item results.
+
+Results of one model live in ``runs/NAME/outputs/<model>/`` as Parquet parts, one part per
+finished batch. A part is written to a temporary file, flushed and fsynced, then renamed into
+place (``os.replace`` is atomic on POSIX), so a process killed at any moment leaves either the
+whole part or none of it. On restart the finished ``(item_id, repeat)`` keys are read back and
+only the rest is run: nothing is lost and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kit.errors import CompkitError
+
+_PART = re.compile(r"^part-(\d{6})\.parquet$")
+KEY = ["item_id", "repeat"]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+class OutputStore:
+    """Append-only store of one model's per-(item, repeat) rows."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".part-*.tmp-*"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.root / "_COMPLETE.json"
+
+    def parts(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if _PART.match(p.name))
+
+    def append(self, frame: pd.DataFrame) -> Path | None:
+        """Atomically add rows; refuses keys that are already stored."""
+        if frame.empty:
+            return None
+        missing = [c for c in KEY if c not in frame.columns]
+        if missing:
+            raise ValueError(f"rows need columns {KEY}; missing {missing}")
+        clash = self.done_keys() & set(zip(frame["item_id"], frame["repeat"], strict=True))
+        if clash:
+            raise CompkitError(f"{self.root}: {len(clash)} row(s) already stored, e.g. {sorted(clash)[:3]}")
+        existing = self.parts()
+        number = int(_PART.match(existing[-1].name).group(1)) + 1 if existing else 0
+        path = self.root / f"part-{number:06d}.parquet"
+        tmp = self.root / f".{path.name}.tmp-{os.getpid()}"
+        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.root)
+        self.complete_marker.unlink(missing_ok=True)
+        return path
+
+    def done_keys(self) -> set[tuple[str, int]]:
+        keys: set[tuple[str, int]] = set()
+        for part in self.parts():
+            t = pq.read_table(part, columns=KEY)
+            keys.update(zip(t.column("item_id").to_pylist(), t.column("repeat").to_pylist(), strict=True))
+        return keys
+
+    def read(self) -> pd.DataFrame:
+        """All rows, in write order. Raises if a key appears twice (a store bug)."""
+        parts = self.parts()
+        if not parts:
+            return pd.DataFrame()
+        frame = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+        dupes = frame.duplicated(KEY)
+        if dupes.any():
+            raise CompkitError(f"{self.root}: duplicated rows for {frame.loc[dupes, KEY].head(3).values.tolist()}")
+        return frame
+
+    def mark_complete(self, **meta: Any) -> None:
+        atomic_write_json(self.complete_marker, {"finished_at": now_iso(), **meta})
+
+    def is_complete(self) -> bool:
+        return self.complete_marker.exists()
+
+    def clear(self) -> None:
+        """Remove every stored row (used by ``--force`` reruns)."""
+        shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def pending(keys: Iterable[tuple[str, int]], done: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Keys not yet stored, in the given order."""
+    return [k for k in keys if k not in done]
