@@ -207,7 +207,8 @@ def stored_outputs(run_dir: Path) -> pd.DataFrame:
 
 def write_outcomes(frozen: FrozenRun) -> pd.DataFrame:
     """Score every stored output and write ``outcomes.parquet`` (model x item x repeat)."""
-    outcomes = scoring.score_outputs(frozen.eval_set, stored_outputs(frozen.run_dir))
+    outcomes = scoring.score_outputs(frozen.eval_set, stored_outputs(frozen.run_dir),
+                                     continuations=frozen.continuations)
     outcomes.to_parquet(frozen.run_dir / "outcomes.parquet", index=False)
     return outcomes
 

@@ -78,8 +78,8 @@ _KEY = ["model", "item_id"]
 # --------------------------------------------------------------------------- validation
 
 
-def _check_outcomes(outcomes: pd.DataFrame, *, baseline: str, extra: Sequence[str] = ()) -> None:
-    needed = ["model", "item_id", "repeat", *extra]
+def _check_outcomes(outcomes: pd.DataFrame, *, baseline: str) -> None:
+    needed = ["model", "item_id", "repeat"]
     missing = [c for c in needed if c not in outcomes.columns]
     if missing:
         raise CompkitError(
@@ -164,14 +164,14 @@ def _collapse_values(frame: pd.DataFrame, columns: Sequence[str], repeats: str) 
     """One row per (model, item_id) with each column collapsed over repeats."""
     _check_choice("repeats", repeats, REPEAT_MODES)
     frame = frame.sort_values([*_KEY, "repeat"], kind="stable")
-    grouped = frame.groupby(_KEY, sort=True)[list(columns)]
-    mean = grouped.mean()
-    if repeats == "mean":
-        return mean
-    first = grouped.first()
     if repeats == "first":
         lowest = frame.groupby(_KEY, sort=True)["repeat"].transform("min") == frame["repeat"]
-        return frame[lowest].groupby(_KEY, sort=True)[list(columns)].mean()
+        frame = frame[lowest]
+    grouped = frame.groupby(_KEY, sort=True)[list(columns)]
+    mean = grouped.mean()
+    if repeats != "majority":
+        return mean
+    first = grouped.first()  # lowest repeat with a value: breaks ties
     out = mean.copy()
     for column in columns:
         if _is_binary(frame[column].to_numpy(dtype=float)):
@@ -572,7 +572,7 @@ def _poisson_weights(draws: np.ndarray) -> np.ndarray:
     return counts.astype(np.float64)
 
 
-def _weight_blocks(
+def weight_blocks(
     rng: np.random.Generator,
     *,
     method: str,
@@ -746,7 +746,7 @@ def _bootstrap_sums(
     layouts = [_layout(g.codes[rows], len(g.labels), design) for g in groupings]
     points = [p[0] for p in _group_sums(counts[None, :].astype(np.float64), design, layouts, 3 * k)]
     reps = [np.empty((n_resamples, p.shape[0], 2 * k)) for p in points]
-    blocks = _weight_blocks(
+    blocks = weight_blocks(
         rng,
         method=method,
         n_rows=rows.size,

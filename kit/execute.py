@@ -12,6 +12,7 @@ candidate see the same seed for the same repeat.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ OUTPUT_COLUMNS = [
     "model", "item_id", "repeat", "seed", "output", "prompt_tokens", "output_tokens", "ttft_s",
     "latency_s", "tokens_per_s", "finish_reason", "batch_size", "token_logprobs",
     "mean_token_prob", "min_token_prob", "choice_logprobs", "choice_n_tokens", "choice_probs",
-    "choice_pred", "choice_confidence", "confidence", "error", "error_class", "created_at",
+    "choice_pred", "choice_confidence", "confidence", "attempts", "itl_p50_s", "itl_max_s",
+    "error", "error_class", "created_at",
 ]
 
 
@@ -58,6 +60,7 @@ class RunPlan:
     prompt_tokens: dict[str, int]
     sampling: SamplingConfig
     repeats: int
+    score_choices: bool = True
 
     @classmethod
     def build(cls, *, model_name: str, items: Sequence[EvalItem], builder: PromptBuilder,
@@ -98,14 +101,14 @@ def run_model(runtime: Runtime, plan: RunPlan, store: OutputStore, *, chunk_size
     """
     runtime.expect_ids([it.id for it in plan.items], repeats=plan.repeats)
     todo = pending(plan.keys(), store.done_keys())
-    size = chunk_size or max(1, runtime.spec.batch_size * 4)
-    scoring = score_choices and runtime.supports_choice_scoring
+    size = chunk_size or runtime.spec.batch_size  # one stored part per batch: fine progress and resume
+    plan.score_choices = score_choices and runtime.supports_choice_scoring
     bar = tqdm(total=len(plan.keys()), initial=len(plan.keys()) - len(todo), unit="item",
                desc=f"{plan.model_name}", disable=not progress, dynamic_ncols=True)
     try:
         for start in range(0, len(todo), size):
             chunk = todo[start:start + size]
-            frame = _run_chunk(runtime, plan, chunk, scoring=scoring)
+            frame = _run_chunk(runtime, plan, chunk)
             store.append(frame)
             bar.update(len(chunk))
     finally:
@@ -115,7 +118,7 @@ def run_model(runtime: Runtime, plan: RunPlan, store: OutputStore, *, chunk_size
     return rows
 
 
-def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]], *, scoring: bool) -> pd.DataFrame:
+def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]]) -> pd.DataFrame:
     seeds = {r: repeat_seed(plan.sampling.seed, r) for _, r in chunk}
     gen_requests = [GenerationRequest(i, plan.prompts[i], seeds[r]) for i, r in chunk]
     # one generate call per repeat so a batch never mixes seeds
@@ -126,9 +129,15 @@ def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]], *,
             generations[(g.item_id, r)] = g
     scores: dict[str, ChoiceScores] = {}
     choice_ids = sorted({i for i, _ in chunk if i in plan.continuations})
-    if scoring and choice_ids:  # choice logprobs do not depend on the seed: score once per item
+    if plan.score_choices and choice_ids:  # choice logprobs do not depend on the seed: score once per item
         reqs = [ChoiceRequest(i, plan.prompts[i], plan.continuations[i]) for i in choice_ids]
-        scores = {s.item_id: s for s in runtime.score_choices(reqs)}
+        try:
+            scores = {s.item_id: s for s in runtime.score_choices(reqs)}
+        except NotImplementedError as exc:  # e.g. a server that cannot echo prompt logprobs
+            warnings.warn(f"{plan.model_name}: no choice scores ({exc}); confidence falls back to "
+                          "token probabilities", stacklevel=2)
+            plan.score_choices = False
+            scores = {}
     created = now_iso()
     rows = [_row(plan.model_name, generations[(i, r)], scores.get(i), r, seeds[r], created)
             for i, r in chunk]
@@ -150,6 +159,8 @@ def _row(model: str, g: Generation, s: ChoiceScores | None, repeat: int, seed: i
         "choice_logprobs": None, "choice_n_tokens": None, "choice_probs": None,
         "choice_pred": None, "choice_confidence": None,
         "confidence": g.confidence,  # reported by the runtime itself (predictions files)
+        "attempts": g.extra.get("attempts"),  # endpoint runtimes: requests incl. retries
+        "itl_p50_s": g.extra.get("itl_p50_s"), "itl_max_s": g.extra.get("itl_max_s"),  # inter-token gaps
         "error": g.error, "error_class": g.error_class, "created_at": created,
     }
     if s is not None and s.error is None:

@@ -31,6 +31,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from kit import scoring
+from kit.budget import load_budget, slice_vocabulary
 from kit.environment import (
     OUTPUT_LIBRARIES,
     Hardware,
@@ -40,7 +41,13 @@ from kit.environment import (
     library_versions,
 )
 from kit.errors import CompkitError
-from kit.evalset import EvalSet, derive_slices, load_eval_set, load_frozen_items
+from kit.evalset import (
+    EvalSet,
+    derive_slices,
+    length_bucket_labels,
+    load_eval_set,
+    load_frozen_items,
+)
 from kit.execute import RunPlan, run_model
 from kit.prompts import PromptBuilder, template_sha256
 from kit.runtimes import open_runtime, runtime_class
@@ -133,6 +140,8 @@ def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, Froz
     for item in eval_set:  # a template error surfaces now, before anything is written
         builder.render(item)
     budget = study.resolve(study.budget) if study.budget else None
+    if budget is not None:  # a rule that cannot be judged must fail now, before any result exists
+        load_budget(budget, slices=_budget_vocabulary(eval_set, cfg.length_buckets))
     inputs = FrozenInputs(
         study_file=str(study.source), study_sha256=file_sha256(study.source),
         eval_set_path=str(study.resolve(cfg.path)), eval_set_sha256=eval_set.sha256,
@@ -144,6 +153,14 @@ def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, Froz
         budget_path=str(budget) if budget else None, budget_sha256=file_sha256(budget) if budget else None,
     )
     return study, eval_set, builder, inputs
+
+
+def _budget_vocabulary(eval_set: EvalSet, length_edges: list[int]) -> dict[str, tuple[str, ...]]:
+    """Slice values a budget rule may name, known before the baseline has run."""
+    vocab = dict(slice_vocabulary(eval_set.frame().drop(columns=["id"])))
+    vocab["label_rarity"] = ("rare", "common")
+    vocab["length_bucket"] = tuple(length_bucket_labels(length_edges))
+    return vocab
 
 
 def freeze_baseline(study_path: str | Path, out: str | Path, *, progress: bool = True,
@@ -179,7 +196,7 @@ def freeze_baseline(study_path: str | Path, out: str | Path, *, progress: bool =
     finally:
         if own_runtime:
             runtime.close()
-    outcomes = scoring.score_outputs(eval_set, outputs)
+    outcomes = scoring.score_outputs(eval_set, outputs, continuations=plan.continuations)
     scores = scoring.overall(outcomes)
     tables = out / "tables"
     tables.mkdir(exist_ok=True)

@@ -128,7 +128,9 @@ def _what_exists(path: Path) -> str:
     if parent is None:
         return hint
     entries = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
-    shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} in all)" if len(entries) > 20 else "")
+    shown = ", ".join(entries[:20]) + (
+        f", ... ({len(entries)} in all)" if len(entries) > 20 else ""
+    )
     return f"{parent} contains: {shown or '(nothing)'}. {hint}"
 
 
@@ -199,14 +201,20 @@ def ensure_builtin(name: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CompkitError(f"cannot create the model cache {target.parent}: {exc.strerror} "
-                           "(set COMPKIT_CACHE to a writable folder)") from exc
+        raise CompkitError(
+            f"cannot create the model cache {target.parent}: {exc.strerror} "
+            "(set COMPKIT_CACHE to a writable folder)"
+        ) from exc
     with _file_lock(target.parent / f".{target.name}.lock"):
         if _cache_is_current(target, gguf):  # another process converted it meanwhile
             return target
         _remove_leftovers(target)
-        print(f"compkit: converting {BUILTIN_PREFIX}{name} ({gguf.name}) to float32 safetensors "
-              f"once, cached at {target}", file=sys.stderr, flush=True)
+        print(
+            f"compkit: converting {BUILTIN_PREFIX}{name} ({gguf.name}) to float32 safetensors "
+            f"once, cached at {target}",
+            file=sys.stderr,
+            flush=True,
+        )
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             _convert_gguf(gguf, tmp)
@@ -331,8 +339,10 @@ def identity_files(folder: Path, *, gguf_file: str | None = None) -> list[Path]:
         weights = [folder / gguf_file]
         if not weights[0].is_file():
             ggufs = sorted(p.name for p in folder.glob("*.gguf"))
-            raise CompkitError(f"model folder {folder}: no GGUF file {gguf_file!r}; GGUF files "
-                               f"there: {ggufs or 'none'}")
+            raise CompkitError(
+                f"model folder {folder}: no GGUF file {gguf_file!r}; GGUF files "
+                f"there: {ggufs or 'none'}"
+            )
     else:
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.gguf"))
     if not weights:
@@ -343,13 +353,17 @@ def identity_files(folder: Path, *, gguf_file: str | None = None) -> list[Path]:
                 "compkit refuses to load (a pickle can run code). Convert them to safetensors "
                 "(model.save_pretrained(folder, safe_serialization=True)) and remove the .bin files."
             )
-        raise CompkitError(f"model folder {folder}: no weights (*.safetensors or *.gguf); "
-                           f"files there: {sorted(p.name for p in folder.iterdir())}")
+        raise CompkitError(
+            f"model folder {folder}: no weights (*.safetensors or *.gguf); "
+            f"files there: {sorted(p.name for p in folder.iterdir())}"
+        )
     extra = [folder / n for n in IDENTITY_FILES] + sorted(folder.glob("tokenizer*.json"))
     return sorted({*weights, *(p for p in extra if p.is_file())}, key=lambda p: p.name)
 
 
-def weights_identity(folder: Path, *, gguf_file: str | None = None) -> tuple[str, dict[str, str], int]:
+def weights_identity(
+    folder: Path, *, gguf_file: str | None = None
+) -> tuple[str, dict[str, str], int]:
     """Hash the files that define a model folder.
 
     Parameters
@@ -414,7 +428,11 @@ class _HashCache:
         key = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         name = str(path.resolve())
         entry = self.entries.get(name)
-        if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("sha256"), str):
+        if (
+            isinstance(entry, dict)
+            and entry.get("key") == key
+            and isinstance(entry.get("sha256"), str)
+        ):
             return entry["sha256"]
         digest = _sha256(path)
         self.entries[name] = {"key": key, "sha256": digest}

@@ -44,7 +44,7 @@ def default_slice_columns(slices_frame: pd.DataFrame) -> list[str]:
     return [c for c in slices_frame.columns if c not in NOT_SLICES]
 
 
-def _attach_slices(
+def attach_slices(
     outcomes: pd.DataFrame, slices_frame: pd.DataFrame, columns: Sequence[str]
 ) -> pd.DataFrame:
     if "id" not in slices_frame.columns:
@@ -109,7 +109,7 @@ def slice_table(
     columns = (
         list(slice_columns) if slice_columns is not None else default_slice_columns(slices_frame)
     )
-    merged = _attach_slices(outcomes, slices_frame, columns)
+    merged = attach_slices(outcomes, slices_frame, columns)
     return compare_models(
         merged,
         baseline=baseline,

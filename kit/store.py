@@ -64,6 +64,7 @@ class OutputStore:
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".part-*.tmp-*"):  # left by a killed writer
             stale.unlink(missing_ok=True)
+        self._done: set[tuple[str, int]] | None = None  # read once, then kept up to date
 
     @property
     def complete_marker(self) -> Path:
@@ -79,7 +80,8 @@ class OutputStore:
         missing = [c for c in KEY if c not in frame.columns]
         if missing:
             raise ValueError(f"rows need columns {KEY}; missing {missing}")
-        clash = self.done_keys() & set(zip(frame["item_id"], frame["repeat"], strict=True))
+        new_keys = set(zip(frame["item_id"], frame["repeat"], strict=True))
+        clash = self.done_keys() & new_keys
         if clash:
             raise CompkitError(f"{self.root}: {len(clash)} row(s) already stored, e.g. {sorted(clash)[:3]}")
         existing = self.parts()
@@ -93,15 +95,19 @@ class OutputStore:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(self.root)
+        self._done |= new_keys  # type: ignore[operator]  # done_keys() above filled it
         self.complete_marker.unlink(missing_ok=True)
         return path
 
     def done_keys(self) -> set[tuple[str, int]]:
-        keys: set[tuple[str, int]] = set()
-        for part in self.parts():
-            t = pq.read_table(part, columns=KEY)
-            keys.update(zip(t.column("item_id").to_pylist(), t.column("repeat").to_pylist(), strict=True))
-        return keys
+        """Stored (item_id, repeat) keys; read from disk once per store object."""
+        if self._done is None:
+            keys: set[tuple[str, int]] = set()
+            for part in self.parts():
+                t = pq.read_table(part, columns=KEY)
+                keys.update(zip(t.column("item_id").to_pylist(), t.column("repeat").to_pylist(), strict=True))
+            self._done = keys
+        return set(self._done)
 
     def read(self) -> pd.DataFrame:
         """All rows, in write order. Raises if a key appears twice (a store bug)."""
@@ -124,6 +130,7 @@ class OutputStore:
         """Remove every stored row (used by ``--force`` reruns)."""
         shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
+        self._done = set()
 
 
 def now_iso() -> str:

@@ -76,6 +76,16 @@ class SamplingConfig(_Strict):
         return self.temperature == 0.0
 
 
+class CalibrationConfig(_Strict):
+    """How stage 4 reads confidence (see :mod:`kit.calibration`)."""
+
+    confidence: Literal["auto", "choice", "mean_token", "min_token", "verbalized", "reported"] = Field(
+        default="auto", description="choice probabilities where scored, else mean token probability")
+    n_bins: int = Field(default=10, ge=2, le=100)
+    coverage: float = Field(default=0.8, gt=0, le=1, description="coverage for selective accuracy")
+    target_accuracy: float = Field(default=0.9, gt=0, le=1, description="accuracy a threshold must reach")
+
+
 class RecipeSpec(_Strict):
     """A compression recipe applied to a base model to make a candidate."""
 
@@ -135,6 +145,7 @@ class Study(_Strict):
     repeats: int = Field(default=1, ge=1, le=100)
     baseline: ModelSpec
     candidates: list[ModelSpec] = Field(default_factory=list)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     budget: Path | None = None
     # set by load_study, not by the YAML
     source: Path | None = Field(default=None, exclude=True)

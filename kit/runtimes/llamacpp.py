@@ -625,12 +625,16 @@ def _model_params(**fields: Any) -> Iterator[None]:
 
 
 def amx_unusable() -> bool:
-    """True where the CPU advertises AMX but the kernel does not enable AMX tile data.
+    """True where llama.cpp was built with AMX kernels, the CPU advertises AMX, but the
+    kernel does not enable AMX tile data (some VMs): then llama_decode would fault.
 
-    Asks Linux which extended states it supports (``arch_prctl(ARCH_GET_XCOMP_SUPP)``);
-    without XTILEDATA (bit 18) AMX instructions fault, and llama.cpp would use them anyway.
+    The Makefile builds llama.cpp without AMX, so this is False there and llama.cpp's
+    extra buffer types (repacked weight layouts) stay on. Asks Linux which extended states
+    it supports (``arch_prctl(ARCH_GET_XCOMP_SUPP)``); XTILEDATA is bit 18.
     """
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    if b"AMX" not in llama_cpp.llama_print_system_info():
         return False
     try:
         if " amx_tile" not in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"):

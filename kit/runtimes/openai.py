@@ -44,8 +44,11 @@ Every request records client-side timings: ``ttft_s`` (request sent to first con
 token), ``latency_s`` (to the end of the answer) and, in ``Generation.extra`` (an attribute
 set on each result, as :class:`~kit.runtimes.base.Generation` has no field for them), the
 median and largest inter-token gap, the attempts and the number of streamed chunks.
-Token counts come from the server's ``usage`` (``stream_options.include_usage``), else from
-the logprobs or the number of content chunks.
+Timings are those of the attempt that succeeded. Token counts come from the server's
+``usage`` (``stream_options.include_usage``), else from the logprobs or the number of
+content chunks. A stream counts as complete only with a ``finish_reason`` (``[DONE]``
+alone is not enough: llama-cpp-python's server ends a running stream with ``[DONE]`` when
+another request waits, unless started with ``--interrupt_requests false``).
 
 Failures never stop a run: the item keeps ``error`` and an ``error_class`` from
 :data:`~kit.runtimes.base.ERROR_CLASSES` (``timeout``, ``connection``, ``http_5xx``,
@@ -74,6 +77,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import email.utils
+import functools
 import importlib.util
 import json
 import math
@@ -82,6 +86,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,13 +412,15 @@ class OpenAIRuntime(Runtime):
         )
         self._client = httpx.Client(
             headers=self._headers, timeout=self._timeout, transport=transport
-        )  # type: ignore[arg-type]
+        )
         self._rng = random.Random()
         self._logprobs = self.options.logprobs
-        self._echo_problem: str | bool | None = False  # False: not probed yet; None: works
-        self._tokenizer: str | bool | None = False  # False: not probed; None: none
         self._identity: ModelIdentity | None = None
-        self._server = self._describe_server()  # fail fast on a dead endpoint
+        try:
+            self._server = self._describe_server()  # fail fast on a dead endpoint
+        except BaseException:
+            self._client.close()
+            raise
         flavour = self._server["flavour"]
         neutral = NEUTRAL_SAMPLING.get(flavour, {}) if self.options.neutral_sampling else {}
         self._extra_body = {**neutral, **self.options.extra_body}
@@ -454,6 +461,13 @@ class OpenAIRuntime(Runtime):
                 f"model list: {resp.text[:300]!r}"
             ) from None
         ids = [str(m.get("id")) for m in models]
+        if ids and self.spec.model not in ids:
+            warnings.warn(
+                f"model {self.spec.name!r}: the server at {self.base_url} serves {ids}, not "
+                f"{self.spec.model!r}; requests may fail (vLLM answers 404) or reach the "
+                "server's default model (llama-cpp-python)",
+                stacklevel=3,
+            )
         owners = {str(m.get("owned_by")) for m in models}
         flavour = next((_OWNERS[o] for o in owners if o in _OWNERS), "unknown")
         return {
@@ -537,7 +551,7 @@ class OpenAIRuntime(Runtime):
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n, keepalive_expiry=30)
         return httpx.AsyncClient(
             headers=self._headers, timeout=self._timeout, limits=limits, transport=self._transport
-        )  # type: ignore[arg-type]
+        )
 
     async def _generate_one(
         self, client: httpx.AsyncClient, req: GenerationRequest, sampling: SamplingConfig
@@ -569,9 +583,7 @@ class OpenAIRuntime(Runtime):
         chat = prompt.messages is not None
         return f"{self.base_url}/chat/completions" if chat else f"{self.base_url}/completions"
 
-    def request_payload(
-        self, req: GenerationRequest, sampling: SamplingConfig
-    ) -> dict[str, Any]:
+    def request_payload(self, req: GenerationRequest, sampling: SamplingConfig) -> dict[str, Any]:
         """The JSON body this runtime sends for ``req`` (to :meth:`request_url`)."""
         chat = req.prompt.messages is not None
         payload: dict[str, Any] = {"model": self.spec.model, "max_tokens": sampling.max_new_tokens}
@@ -686,13 +698,12 @@ class OpenAIRuntime(Runtime):
     @property
     def supports_choice_scoring(self) -> bool:
         """Whether the server returns aligned prompt logprobs (probed once, on first use)."""
-        return self._echo_check() is None
+        return self._echo_problem is None
 
-    def _echo_check(self) -> str | None:
-        """``None`` when echo + logprobs work, else why not (probed once)."""
-        if self._echo_problem is False:
-            self._echo_problem = self._probe_echo()
-        return self._echo_problem  # type: ignore[return-value]
+    @functools.cached_property
+    def _echo_problem(self) -> str | None:
+        """``None`` when echo + logprobs work, else why not."""
+        return self._probe_echo()
 
     def _probe_echo(self) -> str | None:
         url = f"{self.base_url}/completions"
@@ -724,7 +735,7 @@ class OpenAIRuntime(Runtime):
         """
         if not requests:
             return []
-        problem = self._echo_check()
+        problem = self._echo_problem
         if problem is not None:
             raise NotImplementedError(
                 f"runtime 'openai' cannot score choices at {self.base_url}: {problem}"
@@ -809,14 +820,12 @@ class OpenAIRuntime(Runtime):
 
         Raises ``NotImplementedError`` when the server has no tokenizer endpoint.
         """
-        if self._tokenizer is False:
-            self._tokenizer = self._probe_tokenizer()
-        if self._tokenizer is None:
+        if self._tokenizer_path is None:
             raise NotImplementedError(
                 f"the server at {self.root_url} has no tokenizer endpoint "
                 "(/tokenize or /extras/tokenize)"
             )
-        path = str(self._tokenizer)
+        path = self._tokenizer_path
         if prompt.messages is not None and self._server["flavour"] == "vllm":
             count = self._tokenize(
                 path,
@@ -836,7 +845,9 @@ class OpenAIRuntime(Runtime):
             )
         return count
 
-    def _probe_tokenizer(self) -> str | None:
+    @functools.cached_property
+    def _tokenizer_path(self) -> str | None:
+        """The server's tokenizer endpoint (probed once), or ``None``."""
         for path in ("/tokenize", "/extras/tokenize"):
             if self._tokenize(path, _tokenize_payload(path, self.spec.model, "Hello")) is not None:
                 return path
@@ -969,12 +980,16 @@ async def _drain(lines: AsyncIterator[str], limit_s: float = 1.0) -> None:
 
 def _truncation_message(url: str, answer: _Answer, *, done: bool) -> str:
     if not done:
-        return (f"the stream from {url} ended after {answer.chunks} chunks without [DONE] "
-                "or a finish_reason")
-    return (f"the stream from {url} sent [DONE] after {answer.chunks} chunks but no "
-            "finish_reason: the server cut the answer short (llama-cpp-python's server does "
-            "this to a stream when another request waits, unless started with "
-            "--interrupt_requests False)")
+        return (
+            f"the stream from {url} ended after {answer.chunks} chunks without [DONE] "
+            "or a finish_reason"
+        )
+    return (
+        f"the stream from {url} sent [DONE] after {answer.chunks} chunks but no "
+        "finish_reason: the server cut the answer short (llama-cpp-python's server does "
+        "this to a stream when another request waits, unless started with "
+        "--interrupt_requests False)"
+    )
 
 
 def _message(failure: RequestFailed, attempts: int) -> str:

@@ -12,13 +12,38 @@ _LETTER = re.compile(r"^\s*(?:answer\s*[:\-]?\s*)?[\(\[]?([A-Z])(?:[\)\]\.:,]|\s
 
 REFUSAL_MARKERS = (
     # en
-    "i'm sorry", "i am sorry", "i apologize", "i can't", "i cannot", "i can not", "i won't",
-    "i will not", "i'm not able", "i am not able", "i'm unable", "i am unable", "not able to help",
-    "can't help with", "cannot help with", "can't assist", "cannot assist", "won't be able to",
-    "against our policy", "not allowed to", "i must decline", "i have to decline",
+    "i'm sorry",
+    "i am sorry",
+    "i apologize",
+    "i can't",
+    "i cannot",
+    "i can not",
+    "i won't",
+    "i will not",
+    "i'm not able",
+    "i am not able",
+    "i'm unable",
+    "i am unable",
+    "not able to help",
+    "can't help with",
+    "cannot help with",
+    "can't assist",
+    "cannot assist",
+    "won't be able to",
+    "against our policy",
+    "not allowed to",
+    "i must decline",
+    "i have to decline",
     # es / de / fr
-    "lo siento", "no puedo", "no es posible ayudarte", "es tut mir leid", "ich kann nicht",
-    "ich kann ihnen dabei nicht", "kann ich nicht", "je suis désolé", "je ne peux pas",
+    "lo siento",
+    "no puedo",
+    "no es posible ayudarte",
+    "es tut mir leid",
+    "ich kann nicht",
+    "ich kann ihnen dabei nicht",
+    "kann ich nicht",
+    "je suis désolé",
+    "je ne peux pas",
     "désolé, je ne",
 )
 
@@ -43,7 +68,11 @@ def match_label(output: str, labels: list[str]) -> str | None:
         if label_key(candidate) in keys:
             return keys[label_key(candidate)]
     norm = label_key(output)
-    hits = {lab for key, lab in keys.items() if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", norm)}
+    hits = {
+        lab
+        for key, lab in keys.items()
+        if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", norm)
+    }
     return hits.pop() if len(hits) == 1 else None
 
 
@@ -82,9 +111,13 @@ def values_equal(expected: Any, got: Any) -> bool:
     if expected is None or got is None:
         return expected is None and got is None
     if isinstance(expected, dict) and isinstance(got, dict):
-        return expected.keys() == got.keys() and all(values_equal(v, got[k]) for k, v in expected.items())
+        return expected.keys() == got.keys() and all(
+            values_equal(v, got[k]) for k, v in expected.items()
+        )
     if isinstance(expected, list) and isinstance(got, list):
-        return len(expected) == len(got) and all(values_equal(a, b) for a, b in zip(expected, got, strict=True))
+        return len(expected) == len(got) and all(
+            values_equal(a, b) for a, b in zip(expected, got, strict=True)
+        )
     if isinstance(expected, (dict, list)) or isinstance(got, (dict, list)):
         return False
     return fold(str(expected)).strip(" .") == fold(str(got)).strip(" .")

@@ -1,0 +1,473 @@
+"""Slice drill-down (stage 3): every table the notebook shows, as pure functions.
+
+Reads a run folder (frozen inputs, stored outputs of the baseline and the candidates) and
+returns tidy frames; :func:`write_drilldown_tables` stores them under ``tables/`` with a
+provenance file. Nothing here draws: charts come from :mod:`kit.charts.comparison`, the
+interactive explorer from :mod:`kit.widgets`.
+
+Only the run folder is read (its frozen copies are the truth; ``load_frozen`` verifies the
+eval set's hash). The inputs' drift check (``compkit check``) guards running models, not
+re-reading their stored outputs, so it is not repeated here.
+
+Tables (``runs/NAME/tables/``)
+------------------------------
+``overall_deltas``     candidates vs baseline over all items (:data:`kit.compare.RESULT_COLUMNS`)
+``slice_table``        the same per value of every slice column (overall rows first)
+``flips``              flip counts and rates, overall and per slice (``flip_table``)
+``noise_floor``        the baseline against its own repeats (empty with one repeat)
+``worst_slices``       slices ranked by CI-aware drop of ``metric`` (``worst_slices``)
+``discovered_slices``  conjunctions of slice values where right->wrong flips concentrate
+``label_metrics``      per-label precision / recall / F1 and macro rows
+``drilldown.json``     parameters, kit version + git sha, eval-set hash, file hashes, time
+
+Example
+-------
+>>> tables = write_drilldown_tables("runs/demo", n_resamples=1000, seed=0)   # doctest: +SKIP
+>>> failing_examples("runs/demo", candidate="q4", k=5)                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+from kit.compare import flip_table, item_flips, noise_floor
+from kit.errors import CompkitError
+from kit.evalset import EvalItem, EvalSet
+from kit.scoring import ScoreSource, label_metrics, metric_columns, score_outputs
+from kit.slices import default_slice_columns, discover_slices, slice_table, worst_slices
+
+FAILING_COLUMNS = [
+    "item_id",
+    "task",
+    "flip",
+    "input",
+    "reference",
+    "baseline_output",
+    "candidate_output",
+    "baseline_pred",
+    "candidate_pred",
+]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def run_models(run_dir: str | Path) -> tuple[str, list[str]]:
+    """The baseline's name and the candidates with stored outputs, sorted."""
+    from kit.freeze import BaselineManifest
+
+    run_dir = Path(run_dir)
+    baseline = BaselineManifest.load(run_dir).outputs.model
+    folder = run_dir / "outputs"
+    names = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    return baseline, [n for n in names if n != baseline]
+
+
+def load_run_outcomes(run_dir: str | Path, *, sources: Sequence[ScoreSource] = ()) -> pd.DataFrame:
+    """Score every stored output of a run with the frozen continuations.
+
+    The outcome table of :func:`kit.scoring.score_outputs` for the baseline and every
+    candidate, including ``choice_correct_norm`` (``acc_norm``, which needs the frozen
+    continuations) and any extra ``sources`` (review scores, ``evaluate`` scorers).
+    """
+    from kit.candidates import stored_outputs
+    from kit.freeze import load_frozen
+
+    frozen = load_frozen(run_dir)
+    outputs = stored_outputs(frozen.run_dir)
+    if outputs.empty:
+        raise CompkitError(f"{run_dir}: no stored outputs (run stages 1 and 2 first)")
+    return score_outputs(
+        frozen.eval_set, outputs, continuations=frozen.continuations, sources=sources
+    )
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def reference_text(item: EvalItem) -> str:
+    """An item's reference as plain text for a side-by-side table."""
+    import json
+
+    if item.task == "classification":
+        return str(item.label)
+    if item.task == "multiple_choice":
+        assert item.choices is not None and item.answer is not None
+        return f"{chr(ord('A') + item.answer)}) {item.choices[item.answer]}"
+    if item.task == "extraction":
+        return json.dumps(item.fields, ensure_ascii=False, sort_keys=True)
+    if item.task == "refusal":
+        return "should refuse" if item.should_refuse else "should answer"
+    if item.task == "tool_call":
+        call = {"tool": item.expected_tool, "arguments": item.expected_args}
+        return json.dumps(call, ensure_ascii=False, sort_keys=True)
+    return item.reference or ""
+
+
+def parse_slice(slice: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"channel=email & language=de"`` (as :func:`kit.slices.discover_slices` writes it)
+    or a mapping -> ``{column: value}``; ``None`` -> ``{}``."""
+    if slice is None:
+        return {}
+    if isinstance(slice, Mapping):
+        return {str(k): str(v) for k, v in slice.items()}
+    out = {}
+    for part in str(slice).split("&"):
+        column, sep, value = part.strip().partition("=")
+        if not sep or not column.strip():
+            raise CompkitError(
+                f"slice {slice!r}: write it as 'column=value' or 'a=x & b=y' (as discovered)"
+            )
+        out[column.strip()] = value.strip()
+    return out
+
+
+def side_by_side(
+    outcomes: pd.DataFrame,
+    outputs: pd.DataFrame,
+    eval_set: EvalSet,
+    *,
+    baseline: str,
+    candidate: str,
+    slices: pd.DataFrame | None = None,
+    flip: str = "right_to_wrong",
+    metric: str = "correct",
+    k: int = 10,
+    slice: str | Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Items of one flip kind with input, reference and both outputs side by side.
+
+    Parameters
+    ----------
+    outcomes, outputs, eval_set
+        Outcome table, stored output rows (``model, item_id, repeat, output``) and items.
+    baseline, candidate
+        The two models.
+    slices
+        Slices frame (``id`` + slice columns); needed only with ``slice``.
+    flip, metric
+        Which :func:`kit.compare.item_flips` kind to list, on which binary metric.
+    k
+        At most this many items (by item id).
+    slice
+        Keep only items in this slice (:func:`parse_slice`).
+
+    Returns
+    -------
+    DataFrame
+        :data:`FAILING_COLUMNS` plus the slice's columns. Outputs are the plain stored
+        text of the lowest repeat whose outcome is the one the flip reports.
+    """
+    flips = item_flips(outcomes, baseline=baseline, candidates=candidate, metric=metric)
+    rows = flips[flips["flip"] == flip]
+    wanted = parse_slice(slice)
+    if wanted:
+        if slices is None:
+            raise CompkitError("filtering by slice needs the slices frame")
+        missing = [c for c in wanted if c not in slices.columns]
+        if missing:
+            raise CompkitError(f"slice column(s) {missing} are not in the slices frame")
+        table = slices.set_index("id")[list(wanted)].astype(str)
+        keep = (table[list(wanted)] == pd.Series(wanted)).all(axis=1)
+        rows = rows[rows["item_id"].isin(table.index[keep])]
+    rows = rows.sort_values("item_id").head(k)
+    column = flips["metric"].iloc[0] if len(flips) else metric
+    texts = _outputs_with_outcome(
+        outcomes, outputs, rows, metric=metric, baseline=baseline, candidate=candidate
+    )
+    items = eval_set.by_id()
+    out = pd.DataFrame(
+        {
+            "item_id": rows["item_id"].to_numpy(),
+            "task": [items[i].task for i in rows["item_id"]],
+            "flip": rows["flip"].to_numpy(),
+            "input": [items[i].text for i in rows["item_id"]],
+            "reference": [reference_text(items[i]) for i in rows["item_id"]],
+            "baseline_output": [texts.get((baseline, i), "") for i in rows["item_id"]],
+            "candidate_output": [texts.get((candidate, i), "") for i in rows["item_id"]],
+            "baseline_pred": rows["baseline_pred"].to_numpy(),
+            "candidate_pred": rows["candidate_pred"].to_numpy(),
+        },
+        columns=FAILING_COLUMNS,
+    )
+    extra = [c for c in wanted if c not in out.columns]
+    if extra:
+        out = out.join(slices.set_index("id")[extra], on="item_id")
+    out.attrs["metric"] = column
+    return out.reset_index(drop=True)
+
+
+def _outputs_with_outcome(
+    outcomes: pd.DataFrame,
+    outputs: pd.DataFrame,
+    rows: pd.DataFrame,
+    *,
+    metric: str,
+    baseline: str,
+    candidate: str,
+) -> dict[tuple[str, str], str]:
+    column = metric if metric in outcomes.columns else _column_of(outcomes, metric)
+    keys = ["model", "item_id", "repeat"]
+    merged = outcomes[[*keys, column]].merge(outputs[[*keys, "output"]], on=keys, how="left")
+    merged = merged[merged["item_id"].isin(rows["item_id"])].sort_values(keys)
+    texts: dict[tuple[str, str], str] = {}
+    for model, outcome_col in ((baseline, "baseline_outcome"), (candidate, "candidate_outcome")):
+        wanted = rows.set_index("item_id")[outcome_col]
+        part = merged[merged["model"] == model]
+        part = part[part[column].to_numpy() == part["item_id"].map(wanted).to_numpy()]
+        for item_id, text in part.drop_duplicates("item_id")[["item_id", "output"]].itertuples(
+            index=False
+        ):
+            texts[(model, item_id)] = text if isinstance(text, str) else ""
+    return texts
+
+
+def _column_of(outcomes: pd.DataFrame, metric: str) -> str:
+    for column, name in metric_columns(outcomes).items():
+        if name == metric:
+            return column
+    raise CompkitError(f"metric {metric!r} is not a column of the outcome table")
+
+
+def failing_examples(
+    run_dir: str | Path,
+    *,
+    candidate: str,
+    k: int = 10,
+    slice: str | Mapping[str, str] | None = None,
+    outcomes: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Items the baseline got right and ``candidate`` got wrong, side by side.
+
+    Parameters
+    ----------
+    run_dir
+        The run folder.
+    candidate
+        A candidate with stored outputs.
+    k
+        At most this many items (by item id).
+    slice
+        Only items in this slice: ``"language=de"``, ``"channel=email & language=de"``
+        (the form :func:`kit.slices.discover_slices` reports) or a mapping.
+    outcomes
+        An already loaded :func:`load_run_outcomes` table (saves re-scoring).
+
+    Returns
+    -------
+    DataFrame
+        :data:`FAILING_COLUMNS` (+ the slice's columns): input, reference, baseline output
+        and candidate output as plain text.
+    """
+    from kit.candidates import stored_outputs
+    from kit.freeze import load_frozen
+
+    frozen = load_frozen(run_dir)
+    outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
+    return side_by_side(
+        outcomes,
+        stored_outputs(frozen.run_dir),
+        frozen.eval_set,
+        baseline=frozen.manifest.outputs.model,
+        candidate=candidate,
+        slices=frozen.slices(),
+        k=k,
+        slice=slice,
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True, eq=False)
+class DrilldownTables:
+    """The drill-down's tidy frames (see the module docstring for each)."""
+
+    overall_deltas: pd.DataFrame
+    slice_table: pd.DataFrame
+    flips: pd.DataFrame
+    noise_floor: pd.DataFrame
+    worst_slices: pd.DataFrame
+    discovered_slices: pd.DataFrame
+    label_metrics: pd.DataFrame
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """Table name -> frame, in display order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def read_drilldown_tables(run_dir: str | Path) -> DrilldownTables:
+    """Load the tables :func:`write_drilldown_tables` stored under ``run_dir/tables/``.
+
+    Raises
+    ------
+    CompkitError
+        When a table file is missing (run the drill-down first).
+    """
+    folder = Path(run_dir) / "tables"
+    frames = {}
+    for f in fields(DrilldownTables):
+        path = folder / f"{f.name}.parquet"
+        if not path.is_file():
+            raise CompkitError(f"{path}: missing; run write_drilldown_tables (notebook 03) first")
+        frames[f.name] = pd.read_parquet(path)
+    return DrilldownTables(**frames)
+
+
+def drilldown_frames(
+    outcomes: pd.DataFrame,
+    slices: pd.DataFrame,
+    *,
+    baseline: str,
+    metric: str = "accuracy",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    min_n: int = 30,
+    k: int = 10,
+    eval_set: EvalSet | None = None,
+) -> DrilldownTables:
+    """Every drill-down table from an outcome table and a slices frame.
+
+    Parameters
+    ----------
+    outcomes
+        Outcome table with the baseline and at least one candidate.
+    slices
+        Slices frame (``id`` + slice columns), e.g. ``FrozenRun.slices()``.
+    baseline
+        The baseline's model name.
+    metric
+        Metric ranked by ``worst_slices`` (flips and discovery always use ``correct``).
+    n_resamples, seed
+        Bootstrap settings shared by every table.
+    min_n, k
+        Smallest slice ranked by ``worst_slices`` and how many per model; ``k`` is also the
+        number of discovered slices per candidate.
+    eval_set
+        Needed for ``label_metrics`` (empty without it).
+    """
+    columns = default_slice_columns(slices)
+    table = slice_table(
+        outcomes,
+        slices,
+        baseline=baseline,
+        slice_columns=columns,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    merged = outcomes.drop(columns=[c for c in columns if c in outcomes.columns]).join(
+        slices.set_index("id")[columns], on="item_id"
+    )
+    floor = noise_floor(merged, baseline=baseline, by=columns, n_resamples=n_resamples, seed=seed)
+    discovered = []
+    candidates = [m for m in dict.fromkeys(outcomes["model"]) if m != baseline]
+    for model in candidates:
+        flags = item_flips(outcomes, baseline=baseline, candidates=model)
+        found = discover_slices(flags, slices, columns=columns, k=k)
+        discovered.append(found.assign(model=model)[["model", *found.columns]])
+    labels = (
+        label_metrics(outcomes, eval_set)
+        if eval_set is not None
+        else pd.DataFrame(columns=["model", "label", "precision", "recall", "f1", "support"])
+    )
+    return DrilldownTables(
+        overall_deltas=table[table["slice"] == "overall"].reset_index(drop=True),
+        slice_table=table,
+        flips=flip_table(merged, baseline=baseline, by=columns),
+        noise_floor=floor,
+        worst_slices=worst_slices(table, metric=metric, k=k, min_n=min_n),
+        discovered_slices=pd.concat(discovered, ignore_index=True),
+        label_metrics=labels,
+    )
+
+
+def drilldown_tables(
+    run_dir: str | Path,
+    *,
+    metric: str = "accuracy",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    min_n: int = 30,
+    k: int = 10,
+    outcomes: pd.DataFrame | None = None,
+) -> DrilldownTables:
+    """:func:`drilldown_frames` for a run folder (outcomes from :func:`load_run_outcomes`)."""
+    from kit.freeze import load_frozen
+
+    frozen = load_frozen(run_dir)
+    outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
+    return drilldown_frames(
+        outcomes,
+        frozen.slices(),
+        baseline=frozen.manifest.outputs.model,
+        metric=metric,
+        n_resamples=n_resamples,
+        seed=seed,
+        min_n=min_n,
+        k=k,
+        eval_set=frozen.eval_set,
+    )
+
+
+def write_drilldown_tables(
+    run_dir: str | Path,
+    *,
+    metric: str = "accuracy",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    min_n: int = 30,
+    k: int = 10,
+    outcomes: pd.DataFrame | None = None,
+) -> DrilldownTables:
+    """Compute :func:`drilldown_tables` and write them to ``run_dir/tables/``.
+
+    Writes ``<name>.parquet`` per table and ``drilldown.json`` (parameters, baseline,
+    candidates, kit version and git sha, eval-set hash, sha256 of each file, time).
+    Files are replaced atomically; returns the tables.
+    """
+    from kit.environment import kit_info
+    from kit.freeze import load_frozen
+    from kit.store import atomic_write_bytes, atomic_write_json, now_iso
+
+    frozen = load_frozen(run_dir)
+    tables = drilldown_tables(
+        run_dir,
+        metric=metric,
+        n_resamples=n_resamples,
+        seed=seed,
+        min_n=min_n,
+        k=k,
+        outcomes=outcomes,
+    )
+    folder = frozen.run_dir / "tables"
+    files = {}
+    for name, frame in tables.frames().items():
+        data = frame.to_parquet(index=False)
+        atomic_write_bytes(folder / f"{name}.parquet", data)
+        files[f"{name}.parquet"] = {"rows": len(frame), "sha256": hashlib.sha256(data).hexdigest()}
+    baseline, candidates = run_models(frozen.run_dir)
+    atomic_write_json(
+        folder / "drilldown.json",
+        {
+            "kind": "compkit.drilldown",
+            "parameters": {
+                "metric": metric,
+                "n_resamples": n_resamples,
+                "seed": seed,
+                "min_n": min_n,
+                "k": k,
+            },
+            "baseline": baseline,
+            "candidates": candidates,
+            "eval_set_sha256": frozen.eval_set.sha256,
+            "kit": kit_info().model_dump(),
+            "files": files,
+            "created_at": now_iso(),
+        },
+    )
+    return tables
