@@ -33,7 +33,17 @@ setup: $(STAMP)
 demo: setup  ## set up, then run the built-in demo
 	$(BIN)/compkit demo
 
-test: setup  ## set up, then run the whole test suite
+.PHONY: browser
+browser:  ## headless Chromium for the memo's browser test (Debian package; installed only as root)
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "== installing Debian chromium (the memo's browser test opens memo.html in it)"; \
+		apt-get install -y --no-install-recommends chromium \
+			|| { apt-get update && apt-get install -y --no-install-recommends chromium; }; \
+	else echo "== chromium is missing and this is not root: install it (apt-get install chromium);" \
+		"the memo's browser test is skipped (and fails when CI=true)"; fi
+
+test: setup browser  ## set up, then run the whole test suite
 	$(BIN)/pytest
 
 test-fast: setup  ## skip tests marked slow (real SmolLM2, servers)

@@ -71,14 +71,19 @@ def models_cache(run_dir: Path) -> Path:
     return run_dir / "models"
 
 
-def open_candidate(spec: ModelSpec, study: Study, *, run_dir: Path) -> tuple[Runtime, dict[str, int | None]]:
+def open_candidate(
+    spec: ModelSpec, study: Study, *, run_dir: Path
+) -> tuple[Runtime, dict[str, int | None]]:
     """Open a candidate's runtime, applying its compression recipe; returns the runtime and
     its footprint (``parameters``, ``size_bytes``, ``size_on_disk_bytes``)."""
     if spec.recipe is None:
         runtime = open_runtime(spec, base_dir=study.root)
         ident = runtime.identity()
-        return runtime, {"parameters": ident.parameters, "size_bytes": ident.size_bytes,
-                         "size_on_disk_bytes": ident.size_bytes}
+        return runtime, {
+            "parameters": ident.parameters,
+            "size_bytes": ident.size_bytes,
+            "size_on_disk_bytes": ident.size_bytes,
+        }
     info = check_recipe(spec.recipe, runtime=spec.runtime)
     if info.runtime == "llamacpp":
         return _open_gguf_recipe(spec, study, run_dir=run_dir)
@@ -113,39 +118,58 @@ def _save_if_possible(model: Any, tokenizer: Any, folder: Path) -> int | None:
 
 
 def _open_gguf_recipe(spec: ModelSpec, study: Study, *, run_dir: Path):
-    source = (builtin_gguf_path(spec.model.removeprefix("builtin:")) if spec.model.startswith("builtin:")
-              else study.resolve(spec.model))
+    source = (
+        builtin_gguf_path(spec.model.removeprefix("builtin:"))
+        if spec.model.startswith("builtin:")
+        else study.resolve(spec.model)
+    )
     if not source.is_file():
         raise CompkitError(f"candidate {spec.name!r}: GGUF file not found: {source}")
     qtype = spec.recipe.params.get("type")
     if not qtype:
-        raise CompkitError(f"candidate {spec.name!r}: recipe gguf_requant needs params.type (e.g. Q2_K)")
+        raise CompkitError(
+            f"candidate {spec.name!r}: recipe gguf_requant needs params.type (e.g. Q2_K)"
+        )
     target = models_cache(run_dir) / f"{source.stem}.{str(qtype).upper()}.gguf"
     print(f"requantizing {source.name} -> {target.name} with llama.cpp ...", flush=True)
     gguf_requantize(source, target, type=str(qtype), threads=spec.recipe.params.get("threads"))
-    runtime = open_runtime(spec.model_copy(update={"model": str(target.resolve()), "recipe": None}),
-                           base_dir=study.root)
+    runtime = open_runtime(
+        spec.model_copy(update={"model": str(target.resolve()), "recipe": None}),
+        base_dir=study.root,
+    )
     runtime.spec = spec  # rows and manifests carry the candidate's own spec
     ident = runtime.identity()
-    return runtime, {"parameters": ident.parameters, "size_bytes": target.stat().st_size,
-                     "size_on_disk_bytes": target.stat().st_size}
+    return runtime, {
+        "parameters": ident.parameters,
+        "size_bytes": target.stat().st_size,
+        "size_on_disk_bytes": target.stat().st_size,
+    }
 
 
 def select_candidates(study: Study, only: list[str] | None) -> list[ModelSpec]:
     if not study.candidates:
-        raise CompkitError(f"study {study.source}: no candidates; add them under 'candidates:' "
-                           f"(recipes: {sorted(RECIPES)})")
+        raise CompkitError(
+            f"study {study.source}: no candidates; add them under 'candidates:' "
+            f"(recipes: {sorted(RECIPES)})"
+        )
     if not only:
         return list(study.candidates)
     names = [c.name for c in study.candidates]
     unknown = [n for n in only if n not in names]
     if unknown:
-        raise CompkitError(f"--only {unknown}: not candidates of study {study.name!r}; candidates: {names}")
+        raise CompkitError(
+            f"--only {unknown}: not candidates of study {study.name!r}; candidates: {names}"
+        )
     return [c for c in study.candidates if c.name in only]
 
 
-def run_candidates(run_dir: str | Path, *, only: list[str] | None = None, force: bool = False,
-                   progress: bool = True) -> pd.DataFrame:
+def run_candidates(
+    run_dir: str | Path,
+    *,
+    only: list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Run the study's candidates on the frozen inputs; returns one summary row per candidate.
 
     Raises :class:`~kit.freeze.FrozenInputsChanged` (with the drift report) when a frozen
@@ -156,13 +180,17 @@ def run_candidates(run_dir: str | Path, *, only: list[str] | None = None, force:
     frozen = load_frozen(run_dir)
     study = load_study(manifest.inputs.study_file)
     specs = select_candidates(study, only)
-    for spec in tqdm(specs, desc="candidates", unit="model", disable=not progress or len(specs) < 2):
+    for spec in tqdm(
+        specs, desc="candidates", unit="model", disable=not progress or len(specs) < 2
+    ):
         _run_one(spec, study, frozen, force=force, progress=progress)
     write_outcomes(frozen)
     return candidate_summary(run_dir)
 
 
-def _run_one(spec: ModelSpec, study: Study, frozen: FrozenRun, *, force: bool, progress: bool) -> None:
+def _run_one(
+    spec: ModelSpec, study: Study, frozen: FrozenRun, *, force: bool, progress: bool
+) -> None:
     run_dir = frozen.run_dir
     store = OutputStore(run_dir / "outputs" / spec.name)
     stamp = store.root / "_SPEC.json"
@@ -171,28 +199,46 @@ def _run_one(spec: ModelSpec, study: Study, frozen: FrozenRun, *, force: bool, p
     elif stamp.exists():
         before = json.loads(stamp.read_text(encoding="utf-8"))
         if before["fingerprint"] != spec.fingerprint():
-            raise CompkitError(f"candidate {spec.name!r} changed since its results were stored "
-                               f"({store.root}); rerun with --force to discard them")
+            raise CompkitError(
+                f"candidate {spec.name!r} changed since its results were stored "
+                f"({store.root}); rerun with --force to discard them"
+            )
         if store.is_complete() and (run_dir / "candidates" / f"{spec.name}.json").exists():
             print(f"candidate {spec.name!r}: already complete, skipped (--force reruns it)")
             return
-    atomic_write_json(stamp, {"fingerprint": spec.fingerprint(), "spec": spec.model_dump(mode="json")})
+    atomic_write_json(
+        stamp, {"fingerprint": spec.fingerprint(), "spec": spec.model_dump(mode="json")}
+    )
     started, t0 = now_iso(), time.perf_counter()
     runtime, footprint = open_candidate(spec, study, run_dir=run_dir)
     try:
-        plan = RunPlan.from_prompts(model_name=spec.name, items=frozen.eval_set.items, prompts=frozen.prompts,
-                                    continuations=frozen.continuations, runtime=runtime,
-                                    sampling=frozen.sampling, repeats=frozen.manifest.inputs.repeats)
+        plan = RunPlan.from_prompts(
+            model_name=spec.name,
+            items=frozen.eval_set.items,
+            prompts=frozen.prompts,
+            continuations=frozen.continuations,
+            runtime=runtime,
+            sampling=frozen.sampling,
+            repeats=frozen.manifest.inputs.repeats,
+        )
         rows = run_model(runtime, plan, store, score_choices=spec.score_choices, progress=progress)
         identity = asdict(runtime.identity())
     finally:
         runtime.close()
     cm = CandidateManifest(
-        name=spec.name, spec=spec.model_dump(mode="json"), spec_fingerprint=spec.fingerprint(),
-        recipe=spec.recipe.model_dump(mode="json") if spec.recipe else None, identity=identity,
-        footprint=footprint, baseline=frozen.manifest.outputs.model, rows=len(rows),
-        items=rows["item_id"].nunique(), repeats=frozen.manifest.inputs.repeats,
-        errors=int(rows["error"].notna().sum()), started_at=started, finished_at=now_iso(),
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        spec_fingerprint=spec.fingerprint(),
+        recipe=spec.recipe.model_dump(mode="json") if spec.recipe else None,
+        identity=identity,
+        footprint=footprint,
+        baseline=frozen.manifest.outputs.model,
+        rows=len(rows),
+        items=rows["item_id"].nunique(),
+        repeats=frozen.manifest.inputs.repeats,
+        errors=int(rows["error"].notna().sum()),
+        started_at=started,
+        finished_at=now_iso(),
         wall_s=round(time.perf_counter() - t0, 3),
     )
     atomic_write_text(run_dir / "candidates" / f"{spec.name}.json", cm.model_dump_json(indent=2))
@@ -207,8 +253,9 @@ def stored_outputs(run_dir: Path) -> pd.DataFrame:
 
 def write_outcomes(frozen: FrozenRun) -> pd.DataFrame:
     """Score every stored output and write ``outcomes.parquet`` (model x item x repeat)."""
-    outcomes = scoring.score_outputs(frozen.eval_set, stored_outputs(frozen.run_dir),
-                                     continuations=frozen.continuations)
+    outcomes = scoring.score_outputs(
+        frozen.eval_set, stored_outputs(frozen.run_dir), continuations=frozen.continuations
+    )
     outcomes.to_parquet(frozen.run_dir / "outcomes.parquet", index=False)
     return outcomes
 
@@ -218,14 +265,25 @@ def candidate_summary(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     rows = []
     outcomes_path = run_dir / "outcomes.parquet"
-    acc = (pd.read_parquet(outcomes_path).groupby("model")["correct"].mean()
-           if outcomes_path.exists() else pd.Series(dtype=float))
+    acc = (
+        pd.read_parquet(outcomes_path).groupby("model")["correct"].mean()
+        if outcomes_path.exists()
+        else pd.Series(dtype=float)
+    )
     for path in sorted((run_dir / "candidates").glob("*.json")):
         cm = CandidateManifest.load(path)
-        rows.append({"candidate": cm.name, "runtime": cm.spec["runtime"],
-                     "recipe": (cm.recipe or {}).get("name"), "parameters": cm.footprint.get("parameters"),
-                     "size_mb": (cm.footprint.get("size_bytes") or 0) / 1e6,
-                     "size_on_disk_mb": (cm.footprint.get("size_on_disk_bytes") or 0) / 1e6 or None,
-                     "rows": cm.rows, "errors": cm.errors, "wall_s": cm.wall_s,
-                     "accuracy": acc.get(cm.name)})
+        rows.append(
+            {
+                "candidate": cm.name,
+                "runtime": cm.spec["runtime"],
+                "recipe": (cm.recipe or {}).get("name"),
+                "parameters": cm.footprint.get("parameters"),
+                "size_mb": (cm.footprint.get("size_bytes") or 0) / 1e6,
+                "size_on_disk_mb": (cm.footprint.get("size_on_disk_bytes") or 0) / 1e6 or None,
+                "rows": cm.rows,
+                "errors": cm.errors,
+                "wall_s": cm.wall_s,
+                "accuracy": acc.get(cm.name),
+            }
+        )
     return pd.DataFrame(rows)

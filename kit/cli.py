@@ -2,9 +2,16 @@
 
 Exit codes
 ----------
-0  success (``check``: every frozen input unchanged)
-1  a frozen input changed (``check``, ``candidates``; the report says which)
-2  bad input: study, eval set, model path, run folder (the message names it)
+0  success (``check``: every frozen input unchanged; ``gate``: accepted)
+1  a frozen input changed (``check``, ``candidates``, ``run``; the report says which);
+   ``gate``: rejected (a rule failed: its whole CI is outside the budget)
+2  bad input: study, eval set, model path, run folder (the message names it); ``run``: a
+   stage notebook failed (the message names the stage and cell); ``gate``: the run is
+   missing, unjudged or unfinished
+3  ``gate``: inconclusive (no rule failed, but one is undecided or not measured)
+
+``compkit gate runs/NAME`` without ``--candidate`` passes (0) only when every candidate is
+accepted; otherwise it exits 1 when any candidate is rejected, else 3.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     shares = label_shares(eval_set)
     if not shares.empty:
         rare = shares[shares["share"] < study.eval_set.rare_label_threshold]
-        print(f"rare labels (< {study.eval_set.rare_label_threshold:.0%}): "
-              + (", ".join(f"{r.label} ({r.share:.1%})" for r in rare.itertuples()) or "none"))
+        print(
+            f"rare labels (< {study.eval_set.rare_label_threshold:.0%}): "
+            + (", ".join(f"{r.label} ({r.share:.1%})" for r in rare.itertuples()) or "none")
+        )
     print(f"models: {[study.baseline.name, *(c.name for c in study.candidates)]}")
     return 0
 
@@ -47,9 +56,11 @@ def _print_freeze_summary(manifest, out: Path) -> None:
     scores = manifest.scores_frame()
     main = scores[(scores["task"] == "all") & (scores["metric"].isin(["accuracy", "error_rate"]))]
     per_task = scores[(scores["task"] != "all") & (scores["metric"] == "accuracy")]
-    print(f"\nfroze baseline {manifest.outputs.model!r} of study {manifest.study!r}: "
-          f"{manifest.outputs.items} items x {manifest.outputs.repeats} repeat(s) "
-          f"in {manifest.timings['wall_s']:.0f}s")
+    print(
+        f"\nfroze baseline {manifest.outputs.model!r} of study {manifest.study!r}: "
+        f"{manifest.outputs.items} items x {manifest.outputs.repeats} repeat(s) "
+        f"in {manifest.timings['wall_s']:.0f}s"
+    )
     for r in main.itertuples():
         print(f"  {r.metric}: {r.value:.3f} (n={r.n})")
     for r in per_task.itertuples():
@@ -86,24 +97,84 @@ def _ensure_same_study(run: Path, study: Path) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kit.freeze import MANIFEST, BaselineManifest, check_frozen, freeze_baseline
+    from kit.pipeline import run_pipeline
 
-    out = Path(args.out)
-    if (out / MANIFEST).exists():
-        print(f"{out} is already frozen; checking it instead of re-running")
-        report = check_frozen(out)
-        print(report.render())
-        _print_freeze_summary(BaselineManifest.load(out), out)
-        return 0 if report.ok else 1
-    manifest = freeze_baseline(DEMO_STUDY, out, progress=not args.quiet)
-    _print_freeze_summary(manifest, out)
+    result = run_pipeline(DEMO_STUDY, args.out, force=args.force, progress=not args.quiet)
+    _print_pipeline_result(result)
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kit.pipeline import run_pipeline
+
+    result = run_pipeline(
+        args.study, args.out, stages=args.stage, force=args.force, progress=not args.quiet
+    )
+    _print_pipeline_result(result)
+    return 0
+
+
+def _print_pipeline_result(result) -> None:
+    from kit.verdicts import VERDICT_FILE, VerdictReport
+
+    print(
+        f"\nstages run: {', '.join(result.ran) or 'none'}; "
+        f"up to date: {', '.join(result.skipped) or 'none'}"
+    )
+    print(f"notebooks: {result.run_dir / 'notebooks'}")
+    if (result.run_dir / VERDICT_FILE).exists() and result.memo.exists():
+        report = VerdictReport.load(result.run_dir)
+        _print_budget_banner(report)
+        for d in report.decisions:
+            print(f"  {d.candidate}: {d.decision.upper()} ({d.reason})")
+        print(f"memo: {result.memo}")
+
+
+def _print_budget_banner(report, *, file=None) -> None:
+    """The memo's budget banner on the terminal: the budget changed after freezing."""
+    if report.budget.changed:
+        print(f"BUDGET CHANGED AFTER FREEZING: {report.budget.message}", file=file)
+        if report.budget.diff:
+            print(report.budget.diff.rstrip(), file=file)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    import json
+
+    from kit.pipeline import unfinished_reason
+    from kit.verdicts import GATE_EXIT_CODES, VerdictReport
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise CompkitError(f"run folder {run} does not exist")
+    problem = unfinished_reason(run)
+    if problem is not None:
+        raise CompkitError(f"{run} is unfinished: {problem}")
+    report = VerdictReport.load(run)
+    decision = report.decision(args.candidate)
+    verdicts = report.verdicts_frame()
+    if args.candidate is not None:
+        verdicts = verdicts[verdicts["candidate"] == args.candidate]
+    if args.json:
+        _print_budget_banner(report, file=sys.stderr)
+        print(json.dumps(json.loads(verdicts.to_json(orient="records")), indent=2))
+        return GATE_EXIT_CODES[decision]
+    _print_budget_banner(report)
+    for d in report.decisions:
+        if args.candidate is None or d.candidate == args.candidate:
+            print(f"{d.candidate}: {d.decision} ({d.reason})")
+    scope = f"candidate {args.candidate!r}" if args.candidate else "all candidates"
+    print(f"gate ({scope}): {decision} -> exit {GATE_EXIT_CODES[decision]}")
+    return GATE_EXIT_CODES[decision]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compkit", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="compkit",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     from kit import __version__
 
     parser.add_argument("--version", action="version", version=f"compkit {__version__}")
@@ -123,16 +194,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("candidates", help="stage 2: run the study's candidates on the frozen inputs")
+    p = sub.add_parser(
+        "candidates", help="stage 2: run the study's candidates on the frozen inputs"
+    )
     p.add_argument("study", nargs="?", help="study YAML (optional: the run folder knows its study)")
-    p.add_argument("--out", dest="run", required=True, help="the frozen run folder, e.g. runs/my-study")
-    p.add_argument("--only", action="append", metavar="NAME", help="run only this candidate (repeatable)")
+    p.add_argument(
+        "--out", dest="run", required=True, help="the frozen run folder, e.g. runs/my-study"
+    )
+    p.add_argument(
+        "--only", action="append", metavar="NAME", help="run only this candidate (repeatable)"
+    )
     p.add_argument("--force", action="store_true", help="discard and rerun finished candidates")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_candidates)
 
-    p = sub.add_parser("demo", help="freeze the built-in demo study (SmolLM2-135M, customer support)")
+    p = sub.add_parser(
+        "run", help="run every stage notebook with papermill (resumes finished stages)"
+    )
+    p.add_argument("study", help="study YAML")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/my-study")
+    p.add_argument(
+        "--stage",
+        action="append",
+        metavar="NAME",
+        help="run only this stage, always (repeatable): freeze, candidates, drilldown, "
+        "calibration, memo",
+    )
+    p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "gate", help="CI gate on a judged run: exit 0 accepted, 1 rejected, 3 inconclusive"
+    )
+    p.add_argument("run", help="run folder with verdict.json")
+    p.add_argument(
+        "--candidate",
+        metavar="NAME",
+        help="gate this candidate only (default: pass only if every candidate is accepted)",
+    )
+    p.add_argument("--json", action="store_true", help="print the verdict rows as JSON")
+    p.set_defaults(func=_cmd_gate)
+
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline on the built-in demo study; print the memo path"
+    )
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -146,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compkit {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"compkit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"compkit {args.command}: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -15,8 +15,21 @@ import kit
 #: Libraries whose version can change a model's outputs: a change is drift.
 OUTPUT_LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "gguf", "llama_cpp_python")
 #: Libraries recorded for provenance only.
-OTHER_LIBRARIES = ("numpy", "pandas", "pyarrow", "datasets", "evaluate", "scipy", "statsmodels",
-                   "altair", "papermill", "pydantic", "httpx", "jinja2", "sacrebleu")
+OTHER_LIBRARIES = (
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "datasets",
+    "evaluate",
+    "scipy",
+    "statsmodels",
+    "altair",
+    "papermill",
+    "pydantic",
+    "httpx",
+    "jinja2",
+    "sacrebleu",
+)
 
 
 class Hardware(BaseModel):
@@ -59,12 +72,20 @@ def hardware() -> Hardware:
             gpu, gpu_mem = props.name, round(props.total_memory / 2**30, 1)
     except ImportError:
         pass
-    return Hardware(cpu=cpu_model(), cores=os.cpu_count() or 1,
-                    memory_gb=round(psutil.virtual_memory().total / 2**30, 1), gpu=gpu,
-                    gpu_memory_gb=gpu_mem, platform=platform.platform(), python=platform.python_version())
+    return Hardware(
+        cpu=cpu_model(),
+        cores=os.cpu_count() or 1,
+        memory_gb=round(psutil.virtual_memory().total / 2**30, 1),
+        gpu=gpu,
+        gpu_memory_gb=gpu_mem,
+        platform=platform.platform(),
+        python=platform.python_version(),
+    )
 
 
-def library_versions(names: tuple[str, ...] = OUTPUT_LIBRARIES + OTHER_LIBRARIES) -> dict[str, str | None]:
+def library_versions(
+    names: tuple[str, ...] = OUTPUT_LIBRARIES + OTHER_LIBRARIES,
+) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in names:
         try:
@@ -78,10 +99,23 @@ def kit_info() -> KitInfo:
     root = Path(kit.__file__).resolve().parent.parent
     sha = dirty = None
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip() or None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=5, check=True).stdout
+        sha = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
         dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass

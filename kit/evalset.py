@@ -30,7 +30,9 @@ from pydantic import ValidationError as PydanticError
 
 from kit.errors import CompkitError, Problem, ValidationError
 
-Task = Literal["classification", "multiple_choice", "extraction", "refusal", "tool_call", "generation"]
+Task = Literal[
+    "classification", "multiple_choice", "extraction", "refusal", "tool_call", "generation"
+]
 TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
 
 #: Reference fields each task requires (besides id, task and an input).
@@ -45,9 +47,23 @@ REQUIRED_REFERENCE: dict[str, tuple[str, ...]] = {
 
 #: Columns with a meaning of their own; every other scalar column is a user slice column.
 RESERVED = (
-    "id", "task", "input", "messages", "context", "language", "label", "labels", "choices",
-    "answer", "fields", "should_refuse", "tools", "expected_tool", "expected_args",
-    "reference", "admits_uncertainty",
+    "id",
+    "task",
+    "input",
+    "messages",
+    "context",
+    "language",
+    "label",
+    "labels",
+    "choices",
+    "answer",
+    "fields",
+    "should_refuse",
+    "tools",
+    "expected_tool",
+    "expected_args",
+    "reference",
+    "admits_uncertainty",
 )
 #: Reserved columns that may arrive JSON-encoded (CSV cells, string columns).
 NESTED = ("messages", "labels", "choices", "fields", "tools", "expected_args")
@@ -98,7 +114,9 @@ class EvalItem(BaseModel):
     @model_validator(mode="after")
     def _check_task_fields(self) -> EvalItem:
         if (self.input is None) == (self.messages is None):
-            raise FieldProblem(None, "give exactly one of 'input' (text) or 'messages' (chat turns)")
+            raise FieldProblem(
+                None, "give exactly one of 'input' (text) or 'messages' (chat turns)"
+            )
         if self.messages is not None and (not self.messages or self.messages[-1].role != "user"):
             raise FieldProblem("messages", "'messages' must be non-empty and end with a user turn")
         if self.input is not None and not self.input.strip():
@@ -111,12 +129,23 @@ class EvalItem(BaseModel):
             if len(self.choices) < 2:
                 raise FieldProblem("choices", "'choices' needs at least 2 options")
             if not 0 <= self.answer < len(self.choices):
-                raise FieldProblem("answer", f"'answer' must index into 'choices' "
-                                             f"(0..{len(self.choices) - 1}), got {self.answer}")
-        if self.task == "classification" and self.labels is not None and self.label not in self.labels:
-            raise FieldProblem("label", f"'label' {self.label!r} is not one of this item's 'labels'")
+                raise FieldProblem(
+                    "answer",
+                    f"'answer' must index into 'choices' "
+                    f"(0..{len(self.choices) - 1}), got {self.answer}",
+                )
+        if (
+            self.task == "classification"
+            and self.labels is not None
+            and self.label not in self.labels
+        ):
+            raise FieldProblem(
+                "label", f"'label' {self.label!r} is not one of this item's 'labels'"
+            )
         if self.task == "extraction" and not self.fields:
-            raise FieldProblem("fields", "'fields' must name at least one field (value, or null for 'not found')")
+            raise FieldProblem(
+                "fields", "'fields' must name at least one field (value, or null for 'not found')"
+            )
         return self
 
     @property
@@ -126,8 +155,9 @@ class EvalItem(BaseModel):
 
     def canonical(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, unicode kept; stable across formats."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False,
-                          separators=(",", ":"))
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical().encode("utf-8")).hexdigest()
@@ -171,8 +201,12 @@ class EvalSet:
     def frame(self) -> pd.DataFrame:
         """Tidy item table: ``id, task, language`` and the user slice columns."""
         rows = [
-            {"id": it.id, "task": it.task, "language": it.language,
-             **{c: it.slices.get(c) for c in self.slice_columns}}
+            {
+                "id": it.id,
+                "task": it.task,
+                "language": it.language,
+                **{c: it.slices.get(c) for c in self.slice_columns},
+            }
             for it in self.items
         ]
         return pd.DataFrame(rows, columns=["id", "task", "language", *self.slice_columns])
@@ -193,9 +227,57 @@ class EvalSet:
 def load_frozen_items(path: Path, *, slice_columns: list[str]) -> EvalSet:
     """Read the canonical copy written by :meth:`EvalSet.to_jsonl` (a frozen run's
     ``frozen/eval_set.jsonl``); item hashes are recomputed and must match the file."""
-    items = [EvalItem.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip()]
+    items = [
+        EvalItem.model_validate_json(line)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     return EvalSet(source=str(path), items=items, slice_columns=list(slice_columns))
+
+
+def stratified_sample(
+    eval_set: EvalSet, *, n: int, by: list[str], seed: int = 0, min_per_stratum: int = 1
+) -> EvalSet:
+    """A deterministic stratified subset (file order kept). See :class:`kit.study.SampleConfig`.
+
+    ``by`` names item fields (``task``, ``label``, ``language`` ...) or user slice columns.
+    """
+    if n >= len(eval_set):
+        return eval_set
+
+    def value(item: EvalItem, col: str):
+        if col in item.slices:
+            return item.slices[col]
+        if col in EvalItem.model_fields:
+            return getattr(item, col)
+        raise CompkitError(
+            f"eval_set.sample.by: unknown column {col!r}; use item fields "
+            f"(task, label, language ...) or slice columns {eval_set.slice_columns}"
+        )
+
+    strata: dict[tuple, list[EvalItem]] = {}
+    for it in eval_set.items:
+        strata.setdefault(tuple(value(it, c) for c in by), []).append(it)
+    for members in strata.values():
+        members.sort(key=lambda it: hashlib.sha256(f"{seed}|{it.id}".encode()).hexdigest())
+    quota = {k: len(v) * n / len(eval_set) for k, v in strata.items()}
+    take = {k: min(len(strata[k]), max(min_per_stratum, int(q))) for k, q in quota.items()}
+    # largest remainder, measured against what a stratum already has (a stratum lifted to its
+    # minimum has a negative remainder and is topped up last)
+    by_remainder = sorted(strata, key=lambda k: (-(quota[k] - take[k]), str(k)))
+    for k in by_remainder:  # largest remainders fill what is left of n
+        if sum(take.values()) >= n:
+            break
+        if take[k] < len(strata[k]):
+            take[k] += 1
+    keep = {it.id for k, members in strata.items() for it in members[: take[k]]}
+    items = [it for it in eval_set.items if it.id in keep]
+    return EvalSet(
+        source=eval_set.source,
+        items=items,
+        slice_columns=eval_set.slice_columns,
+        item_hashes={i: eval_set.item_hashes[i] for i in keep},
+    )
 
 
 def _flat_row(item: EvalItem) -> dict[str, Any]:
@@ -207,6 +289,7 @@ def _flat_row(item: EvalItem) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def load_eval_set(
     path: str | Path,
@@ -264,19 +347,32 @@ def load_eval_set(
         if item is None:
             continue
         if item.id in seen:
-            problems.append(Problem(source, f"duplicate id {item.id!r} (first seen at row {seen[item.id]})",
-                                    row_no, "id"))
+            problems.append(
+                Problem(
+                    source,
+                    f"duplicate id {item.id!r} (first seen at row {seen[item.id]})",
+                    row_no,
+                    "id",
+                )
+            )
             continue
         seen[item.id] = row_no
         items.append(item)
     if wanted is not None:
         absent = [c for c in wanted if c not in found_slices]
         if absent:
-            problems.append(Problem(source, f"slice column(s) {absent} not found; columns present: "
-                                            f"{sorted({k for _, r in raw_rows for k in r})}"))
+            problems.append(
+                Problem(
+                    source,
+                    f"slice column(s) {absent} not found; columns present: "
+                    f"{sorted({k for _, r in raw_rows for k in r})}",
+                )
+            )
     if problems:
         raise ValidationError(f"eval set {source}", problems)
-    return EvalSet(source=source, items=items, slice_columns=wanted if wanted is not None else found_slices)
+    return EvalSet(
+        source=source, items=items, slice_columns=wanted if wanted is not None else found_slices
+    )
 
 
 def _validate_row(row: dict[str, Any], source: str, row_no: int, wanted: list[str] | None):
@@ -292,25 +388,42 @@ def _validate_row(row: dict[str, Any], source: str, row_no: int, wanted: list[st
         row["id"] = str(row["id"])
     task = row.get("task")
     if task is None:
-        problems.append(Problem(source, f"missing 'task' (one of {list(TASKS)}); or set "
-                                        "eval_set.task in the study", row_no, "task"))
+        problems.append(
+            Problem(
+                source,
+                f"missing 'task' (one of {list(TASKS)}); or set eval_set.task in the study",
+                row_no,
+                "task",
+            )
+        )
     elif task not in TASKS:
-        problems.append(Problem(source, f"unknown task {task!r}; expected one of {list(TASKS)}", row_no, "task"))
+        problems.append(
+            Problem(source, f"unknown task {task!r}; expected one of {list(TASKS)}", row_no, "task")
+        )
     user_cols = [k for k in row if k not in RESERVED]
     keep = wanted if wanted is not None else user_cols
     slices: dict[str, SliceValue] = {}
     for col in keep:
         if col in DERIVED:
-            problems.append(Problem(source, f"'{col}' is a slice kit derives itself; rename the column",
-                                    row_no, col))
+            problems.append(
+                Problem(
+                    source, f"'{col}' is a slice kit derives itself; rename the column", row_no, col
+                )
+            )
             continue
         if col not in row:
             continue
         value = row[col]
         if isinstance(value, (dict, list)):
             if wanted is not None:
-                problems.append(Problem(source, "a slice column must hold a scalar (text, number, "
-                                                "bool) value", row_no, col))
+                problems.append(
+                    Problem(
+                        source,
+                        "a slice column must hold a scalar (text, number, bool) value",
+                        row_no,
+                        col,
+                    )
+                )
             continue
         slices[col] = value
     user_cols = [c for c in user_cols if c in slices or (c in keep and c in row)]
@@ -350,8 +463,10 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         return _read_jsonl(path)
     if suffix in (".csv", ".parquet"):
         return _read_with_datasets(path, suffix.lstrip("."))
-    raise CompkitError(f"eval set {path}: unsupported format {suffix!r}; use .jsonl, .csv, .parquet "
-                       "or a folder saved with datasets.Dataset.save_to_disk")
+    raise CompkitError(
+        f"eval set {path}: unsupported format {suffix!r}; use .jsonl, .csv, .parquet "
+        "or a folder saved with datasets.Dataset.save_to_disk"
+    )
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -367,7 +482,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), f"invalid JSON: {exc.msg} (column {exc.colno})", line_no))
+                problems.append(
+                    Problem(str(path), f"invalid JSON: {exc.msg} (column {exc.colno})", line_no)
+                )
                 continue
             if not isinstance(obj, dict):
                 problems.append(Problem(str(path), "each line must be a JSON object", line_no))
@@ -405,6 +522,7 @@ def _read_datasets_folder(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 # --------------------------------------------------------------------------- derived slices
 
+
 def length_bucket_labels(edges: list[int]) -> list[str]:
     """Bucket labels for token-count edges, e.g. [64, 256] -> ['<64', '64-255', '>=256']."""
     labels = [f"<{edges[0]}"]
@@ -432,16 +550,20 @@ def derive_slices(
     frame = eval_set.frame()
     missing = [i for i in frame["id"] if i not in prompt_tokens]
     if missing:
-        raise CompkitError(f"prompt token counts missing for {len(missing)} item(s), e.g. {missing[:3]}")
+        raise CompkitError(
+            f"prompt token counts missing for {len(missing)} item(s), e.g. {missing[:3]}"
+        )
     frame["prompt_tokens"] = frame["id"].map(prompt_tokens).astype(int)
-    frame["length_bucket"] = pd.cut(frame["prompt_tokens"], bins=[-1, *[e - 1 for e in edges], math.inf],
-                                    labels=labels).astype(str)
+    frame["length_bucket"] = pd.cut(
+        frame["prompt_tokens"], bins=[-1, *[e - 1 for e in edges], math.inf], labels=labels
+    ).astype(str)
     label_of = {it.id: it.label for it in eval_set.items if it.task == "classification"}
     counts = Counter(label_of.values())
     total = sum(counts.values())
     frame["label"] = frame["id"].map(label_of)
     frame["label_rarity"] = [
-        None if lab is None or (isinstance(lab, float) and math.isnan(lab))
+        None
+        if lab is None or (isinstance(lab, float) and math.isnan(lab))
         else ("rare" if counts[lab] / total < rare_label_threshold else "common")
         for lab in frame["label"]
     ]
@@ -452,8 +574,10 @@ def label_shares(eval_set: EvalSet) -> pd.DataFrame:
     """Share of each classification label: ``label, n, share``, rarest first."""
     counts = Counter(it.label for it in eval_set.items if it.task == "classification")
     total = sum(counts.values()) or 1
-    out = pd.DataFrame([{"label": k, "n": v, "share": v / total} for k, v in counts.items()],
-                       columns=["label", "n", "share"])
+    out = pd.DataFrame(
+        [{"label": k, "n": v, "share": v / total} for k, v in counts.items()],
+        columns=["label", "n", "share"],
+    )
     return out.sort_values(["share", "label"]).reset_index(drop=True)
 
 
@@ -469,4 +593,3 @@ def label_set(eval_set: EvalSet, item: EvalItem) -> list[str]:
     if item.labels:
         return list(item.labels)
     return eval_set.all_labels
-

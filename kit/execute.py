@@ -35,11 +35,33 @@ from kit.study import SamplingConfig
 
 #: Columns of a stored output row, in order.
 OUTPUT_COLUMNS = [
-    "model", "item_id", "repeat", "seed", "output", "prompt_tokens", "output_tokens", "ttft_s",
-    "latency_s", "tokens_per_s", "finish_reason", "batch_size", "token_logprobs",
-    "mean_token_prob", "min_token_prob", "choice_logprobs", "choice_n_tokens", "choice_probs",
-    "choice_pred", "choice_confidence", "confidence", "attempts", "itl_p50_s", "itl_max_s",
-    "error", "error_class", "created_at",
+    "model",
+    "item_id",
+    "repeat",
+    "seed",
+    "output",
+    "prompt_tokens",
+    "output_tokens",
+    "ttft_s",
+    "latency_s",
+    "tokens_per_s",
+    "finish_reason",
+    "batch_size",
+    "token_logprobs",
+    "mean_token_prob",
+    "min_token_prob",
+    "choice_logprobs",
+    "choice_n_tokens",
+    "choice_probs",
+    "choice_pred",
+    "choice_confidence",
+    "confidence",
+    "attempts",
+    "itl_p50_s",
+    "itl_max_s",
+    "error",
+    "error_class",
+    "created_at",
 ]
 
 
@@ -63,18 +85,41 @@ class RunPlan:
     score_choices: bool = True
 
     @classmethod
-    def build(cls, *, model_name: str, items: Sequence[EvalItem], builder: PromptBuilder,
-              runtime: Runtime, sampling: SamplingConfig, repeats: int) -> RunPlan:
+    def build(
+        cls,
+        *,
+        model_name: str,
+        items: Sequence[EvalItem],
+        builder: PromptBuilder,
+        runtime: Runtime,
+        sampling: SamplingConfig,
+        repeats: int,
+    ) -> RunPlan:
         """Render prompts with ``builder`` (the baseline, at freeze time)."""
         prompts = {it.id: builder.render(it) for it in items}
         conts = {it.id: c for it in items if (c := builder.continuations(it))}
-        return cls.from_prompts(model_name=model_name, items=items, prompts=prompts, continuations=conts,
-                                runtime=runtime, sampling=sampling, repeats=repeats)
+        return cls.from_prompts(
+            model_name=model_name,
+            items=items,
+            prompts=prompts,
+            continuations=conts,
+            runtime=runtime,
+            sampling=sampling,
+            repeats=repeats,
+        )
 
     @classmethod
-    def from_prompts(cls, *, model_name: str, items: Sequence[EvalItem], prompts: dict[str, Prompt],
-                     continuations: dict[str, tuple[str, ...]], runtime: Runtime,
-                     sampling: SamplingConfig, repeats: int) -> RunPlan:
+    def from_prompts(
+        cls,
+        *,
+        model_name: str,
+        items: Sequence[EvalItem],
+        prompts: dict[str, Prompt],
+        continuations: dict[str, tuple[str, ...]],
+        runtime: Runtime,
+        sampling: SamplingConfig,
+        repeats: int,
+    ) -> RunPlan:
         """Use already rendered prompts (candidates reuse the frozen ones exactly)."""
         conts = continuations
         try:
@@ -93,21 +138,36 @@ def _prompt_chars(p: Prompt) -> str:
     return p.text if p.text is not None else "".join(m["content"] for m in p.messages or ())
 
 
-def run_model(runtime: Runtime, plan: RunPlan, store: OutputStore, *, chunk_size: int | None = None,
-              score_choices: bool = True, progress: bool = True) -> pd.DataFrame:
+def run_model(
+    runtime: Runtime,
+    plan: RunPlan,
+    store: OutputStore,
+    *,
+    chunk_size: int | None = None,
+    score_choices: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Run every pending (item, repeat) of ``plan`` and append rows to ``store``.
 
     Returns all stored rows of this model (earlier runs included).
     """
     runtime.expect_ids([it.id for it in plan.items], repeats=plan.repeats)
     todo = pending(plan.keys(), store.done_keys())
-    size = chunk_size or runtime.spec.batch_size  # one stored part per batch: fine progress and resume
+    size = (
+        chunk_size or runtime.spec.batch_size
+    )  # one stored part per batch: fine progress and resume
     plan.score_choices = score_choices and runtime.supports_choice_scoring
-    bar = tqdm(total=len(plan.keys()), initial=len(plan.keys()) - len(todo), unit="item",
-               desc=f"{plan.model_name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(plan.keys()),
+        initial=len(plan.keys()) - len(todo),
+        unit="item",
+        desc=f"{plan.model_name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for start in range(0, len(todo), size):
-            chunk = todo[start:start + size]
+            chunk = todo[start : start + size]
             frame = _run_chunk(runtime, plan, chunk)
             store.append(frame)
             bar.update(len(chunk))
@@ -129,45 +189,73 @@ def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]]) ->
             generations[(g.item_id, r)] = g
     scores: dict[str, ChoiceScores] = {}
     choice_ids = sorted({i for i, _ in chunk if i in plan.continuations})
-    if plan.score_choices and choice_ids:  # choice logprobs do not depend on the seed: score once per item
+    if (
+        plan.score_choices and choice_ids
+    ):  # choice logprobs do not depend on the seed: score once per item
         reqs = [ChoiceRequest(i, plan.prompts[i], plan.continuations[i]) for i in choice_ids]
         try:
             scores = {s.item_id: s for s in runtime.score_choices(reqs)}
         except NotImplementedError as exc:  # e.g. a server that cannot echo prompt logprobs
-            warnings.warn(f"{plan.model_name}: no choice scores ({exc}); confidence falls back to "
-                          "token probabilities", stacklevel=2)
+            warnings.warn(
+                f"{plan.model_name}: no choice scores ({exc}); confidence falls back to "
+                "token probabilities",
+                stacklevel=2,
+            )
             plan.score_choices = False
             scores = {}
     created = now_iso()
-    rows = [_row(plan.model_name, generations[(i, r)], scores.get(i), r, seeds[r], created)
-            for i, r in chunk]
+    rows = [
+        _row(plan.model_name, generations[(i, r)], scores.get(i), r, seeds[r], created)
+        for i, r in chunk
+    ]
     return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
 
-def _row(model: str, g: Generation, s: ChoiceScores | None, repeat: int, seed: int, created: str) -> dict:
+def _row(
+    model: str, g: Generation, s: ChoiceScores | None, repeat: int, seed: int, created: str
+) -> dict:
     lp = g.token_logprobs
     probs = np.exp(lp) if lp else None
     row = {
-        "model": model, "item_id": g.item_id, "repeat": repeat, "seed": seed, "output": g.text,
-        "prompt_tokens": g.prompt_tokens, "output_tokens": g.output_tokens, "ttft_s": g.ttft_s,
+        "model": model,
+        "item_id": g.item_id,
+        "repeat": repeat,
+        "seed": seed,
+        "output": g.text,
+        "prompt_tokens": g.prompt_tokens,
+        "output_tokens": g.output_tokens,
+        "ttft_s": g.ttft_s,
         "latency_s": g.latency_s,
-        "tokens_per_s": (g.output_tokens / g.latency_s) if g.output_tokens and g.latency_s else None,
-        "finish_reason": g.finish_reason, "batch_size": g.batch_size,
+        "tokens_per_s": (g.output_tokens / g.latency_s)
+        if g.output_tokens and g.latency_s
+        else None,
+        "finish_reason": g.finish_reason,
+        "batch_size": g.batch_size,
         "token_logprobs": list(map(float, lp)) if lp else None,
         "mean_token_prob": float(probs.mean()) if probs is not None else None,
         "min_token_prob": float(probs.min()) if probs is not None else None,
-        "choice_logprobs": None, "choice_n_tokens": None, "choice_probs": None,
-        "choice_pred": None, "choice_confidence": None,
+        "choice_logprobs": None,
+        "choice_n_tokens": None,
+        "choice_probs": None,
+        "choice_pred": None,
+        "choice_confidence": None,
         "confidence": g.confidence,  # reported by the runtime itself (predictions files)
         "attempts": g.extra.get("attempts"),  # endpoint runtimes: requests incl. retries
-        "itl_p50_s": g.extra.get("itl_p50_s"), "itl_max_s": g.extra.get("itl_max_s"),  # inter-token gaps
-        "error": g.error, "error_class": g.error_class, "created_at": created,
+        "itl_p50_s": g.extra.get("itl_p50_s"),
+        "itl_max_s": g.extra.get("itl_max_s"),  # inter-token gaps
+        "error": g.error,
+        "error_class": g.error_class,
+        "created_at": created,
     }
     if s is not None and s.error is None:
         norm = choice_probabilities(s.logprobs)
-        row.update(choice_logprobs=list(map(float, s.logprobs)), choice_n_tokens=list(s.n_tokens),
-                   choice_probs=norm.tolist(), choice_pred=int(norm.argmax()),
-                   choice_confidence=float(norm.max()))
+        row.update(
+            choice_logprobs=list(map(float, s.logprobs)),
+            choice_n_tokens=list(s.n_tokens),
+            choice_probs=norm.tolist(),
+            choice_pred=int(norm.argmax()),
+            choice_confidence=float(norm.max()),
+        )
     elif s is not None and g.error is None:
         row.update(error=s.error, error_class=s.error_class)
     return row
@@ -181,4 +269,3 @@ def choice_probabilities(logprobs: Sequence[float]) -> np.ndarray:
     x = x - np.nanmax(x[np.isfinite(x)])
     p = np.where(np.isfinite(x), np.exp(x), 0.0)
     return p / p.sum()
-

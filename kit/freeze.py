@@ -47,6 +47,7 @@ from kit.evalset import (
     length_bucket_labels,
     load_eval_set,
     load_frozen_items,
+    stratified_sample,
 )
 from kit.execute import RunPlan, run_model
 from kit.prompts import PromptBuilder, template_sha256
@@ -82,7 +83,9 @@ class FrozenInputs(BaseModel):
 
     def key(self) -> dict[str, Any]:
         """The parts a resumed freeze must share with the interrupted one."""
-        return self.model_dump(exclude={"study_file", "study_sha256", "budget_path", "budget_sha256"})
+        return self.model_dump(
+            exclude={"study_file", "study_sha256", "budget_path", "budget_sha256"}
+        )
 
 
 class OutputsSummary(BaseModel):
@@ -117,7 +120,9 @@ class BaselineManifest(BaseModel):
     def load(cls, run_dir: Path) -> BaselineManifest:
         path = Path(run_dir) / MANIFEST
         if not path.is_file():
-            raise CompkitError(f"{run_dir}: not a frozen run (no {MANIFEST}); run `compkit freeze` first")
+            raise CompkitError(
+                f"{run_dir}: not a frozen run (no {MANIFEST}); run `compkit freeze` first"
+            )
         try:
             return cls.model_validate_json(path.read_text(encoding="utf-8"))
         except ValueError as exc:
@@ -129,28 +134,61 @@ class BaselineManifest(BaseModel):
 
 # --------------------------------------------------------------------------- freeze
 
+
+def load_study_eval_set(study: Study) -> EvalSet:
+    """The eval set exactly as a study uses it: renamed, validated, limited and sampled."""
+    cfg = study.eval_set
+    eval_set = load_eval_set(
+        study.resolve(cfg.path),
+        columns=cfg.columns,
+        default_task=cfg.task,
+        slice_columns=cfg.slice_columns,
+        limit=cfg.limit,
+    )
+    if cfg.sample is not None:
+        eval_set = stratified_sample(
+            eval_set,
+            n=cfg.sample.n,
+            by=cfg.sample.by,
+            seed=cfg.sample.seed,
+            min_per_stratum=cfg.sample.min_per_stratum,
+        )
+    return eval_set
+
+
 def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, FrozenInputs]:
     """Load and validate every input; renders every prompt. Writes nothing."""
     study = load_study(study_path)
     cfg = study.eval_set
-    eval_set = load_eval_set(study.resolve(cfg.path), columns=cfg.columns, default_task=cfg.task,
-                             slice_columns=cfg.slice_columns, limit=cfg.limit)
-    builder = PromptBuilder(study.resolve(study.prompt.template), eval_set, chat=study.prompt.chat,
-                            system=study.prompt.system, choice_labels=study.prompt.choice_labels)
+    eval_set = load_study_eval_set(study)
+    builder = PromptBuilder(
+        study.resolve(study.prompt.template),
+        eval_set,
+        chat=study.prompt.chat,
+        system=study.prompt.system,
+        choice_labels=study.prompt.choice_labels,
+    )
     for item in eval_set:  # a template error surfaces now, before anything is written
         builder.render(item)
     budget = study.resolve(study.budget) if study.budget else None
     if budget is not None:  # a rule that cannot be judged must fail now, before any result exists
         load_budget(budget, slices=_budget_vocabulary(eval_set, cfg.length_buckets))
     inputs = FrozenInputs(
-        study_file=str(study.source), study_sha256=file_sha256(study.source),
-        eval_set_path=str(study.resolve(cfg.path)), eval_set_sha256=eval_set.sha256,
-        eval_set_rows=len(eval_set), eval_set_config=cfg.model_dump(mode="json"),
-        template_path=str(builder.template_path), template_sha256=builder.sha256,
-        prompt=study.prompt.model_dump(mode="json"), sampling=study.sampling.model_dump(mode="json"),
-        repeats=study.repeats, baseline=study.baseline.model_dump(mode="json"),
+        study_file=str(study.source),
+        study_sha256=file_sha256(study.source),
+        eval_set_path=str(study.resolve(cfg.path)),
+        eval_set_sha256=eval_set.sha256,
+        eval_set_rows=len(eval_set),
+        eval_set_config=cfg.model_dump(mode="json"),
+        template_path=str(builder.template_path),
+        template_sha256=builder.sha256,
+        prompt=study.prompt.model_dump(mode="json"),
+        sampling=study.sampling.model_dump(mode="json"),
+        repeats=study.repeats,
+        baseline=study.baseline.model_dump(mode="json"),
         baseline_fingerprint=study.baseline.fingerprint(),
-        budget_path=str(budget) if budget else None, budget_sha256=file_sha256(budget) if budget else None,
+        budget_path=str(budget) if budget else None,
+        budget_sha256=file_sha256(budget) if budget else None,
     )
     return study, eval_set, builder, inputs
 
@@ -163,8 +201,13 @@ def _budget_vocabulary(eval_set: EvalSet, length_edges: list[int]) -> dict[str, 
     return vocab
 
 
-def freeze_baseline(study_path: str | Path, out: str | Path, *, progress: bool = True,
-                    runtime: Runtime | None = None) -> BaselineManifest:
+def freeze_baseline(
+    study_path: str | Path,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> BaselineManifest:
     """Run the baseline on every item and write the manifest; resumes an interrupted freeze.
 
     Parameters
@@ -187,12 +230,19 @@ def freeze_baseline(study_path: str | Path, out: str | Path, *, progress: bool =
         atomic_write_json(out / PENDING, {**inputs.key(), "started_at": now_iso()})
     try:
         identity = runtime.identity()
-        plan = RunPlan.build(model_name=study.baseline.name, items=eval_set.items, builder=builder,
-                             runtime=runtime, sampling=study.sampling, repeats=study.repeats)
+        plan = RunPlan.build(
+            model_name=study.baseline.name,
+            items=eval_set.items,
+            builder=builder,
+            runtime=runtime,
+            sampling=study.sampling,
+            repeats=study.repeats,
+        )
         _write_frozen_copies(out, study, eval_set, builder, inputs, plan)
         store = OutputStore(out / "outputs" / study.baseline.name)
-        outputs = run_model(runtime, plan, store, score_choices=study.baseline.score_choices,
-                            progress=progress)
+        outputs = run_model(
+            runtime, plan, store, score_choices=study.baseline.score_choices, progress=progress
+        )
     finally:
         if own_runtime:
             runtime.close()
@@ -204,20 +254,39 @@ def freeze_baseline(study_path: str | Path, out: str | Path, *, progress: bool =
     scores.to_csv(tables / "baseline_scores.csv", index=False)
     wall = time.perf_counter() - started
     manifest = BaselineManifest(
-        study=study.name, created_at=now_iso(), inputs=inputs, model=asdict(identity),
-        hardware=hardware(), libraries=library_versions(), kit=kit_info(),
-        outputs=OutputsSummary(model=study.baseline.name, path=str(store.root.relative_to(out)),
-                               rows=len(outputs), items=outputs["item_id"].nunique(),
-                               repeats=study.repeats, errors=int(outputs["error"].notna().sum())),
-        slice_columns=["task", "language", "length_bucket", "label_rarity", *eval_set.slice_columns],
-        scores=scores.to_dict("records"), timings={"wall_s": round(wall, 3)},
+        study=study.name,
+        created_at=now_iso(),
+        inputs=inputs,
+        model=asdict(identity),
+        hardware=hardware(),
+        libraries=library_versions(),
+        kit=kit_info(),
+        outputs=OutputsSummary(
+            model=study.baseline.name,
+            path=str(store.root.relative_to(out)),
+            rows=len(outputs),
+            items=outputs["item_id"].nunique(),
+            repeats=study.repeats,
+            errors=int(outputs["error"].notna().sum()),
+        ),
+        slice_columns=[
+            "task",
+            "language",
+            "length_bucket",
+            "label_rarity",
+            *eval_set.slice_columns,
+        ],
+        scores=scores.to_dict("records"),
+        timings={"wall_s": round(wall, 3)},
     )
     atomic_write_text(out / MANIFEST, manifest.model_dump_json(indent=2))
     (out / PENDING).unlink(missing_ok=True)
     return manifest
 
 
-def ensure_frozen(study_path: str | Path, out: str | Path, *, progress: bool = True) -> BaselineManifest:
+def ensure_frozen(
+    study_path: str | Path, out: str | Path, *, progress: bool = True
+) -> BaselineManifest:
     """Freeze if ``out`` is not frozen yet; else verify it and return its manifest.
 
     A frozen folder is accepted only when it was frozen from the same study file and none of
@@ -228,8 +297,10 @@ def ensure_frozen(study_path: str | Path, out: str | Path, *, progress: bool = T
         return freeze_baseline(study_path, out, progress=progress)
     manifest = require_unchanged(out)
     if Path(manifest.inputs.study_file).resolve() != Path(study_path).resolve():
-        raise CompkitError(f"{out} was frozen from {manifest.inputs.study_file}, not {study_path}; "
-                           "choose another run folder")
+        raise CompkitError(
+            f"{out} was frozen from {manifest.inputs.study_file}, not {study_path}; "
+            "choose another run folder"
+        )
     return manifest
 
 
@@ -240,22 +311,30 @@ def _check_run_dir(out: Path, inputs: FrozenInputs) -> bool:
         m = BaselineManifest.load(out)
         raise CompkitError(
             f"{out} is already frozen (study {m.study!r}, {m.created_at}); a frozen run is never "
-            f"overwritten. Verify it with `compkit check {out}`, or freeze into a new --out folder.")
+            f"overwritten. Verify it with `compkit check {out}`, or freeze into a new --out folder."
+        )
     if (out / PENDING).exists():
         before = json.loads((out / PENDING).read_text(encoding="utf-8"))
         changed = sorted(k for k, v in inputs.key().items() if before.get(k) != v)
         if changed:
             raise CompkitError(
                 f"{out} holds an interrupted freeze made with different inputs ({', '.join(changed)}). "
-                f"Resume it with the same study, or remove {out} to start over.")
+                f"Resume it with the same study, or remove {out} to start over."
+            )
         return True
     if out.exists() and any(out.iterdir()):
         raise CompkitError(f"{out} exists and is not a compkit run folder; choose another --out")
     return False
 
 
-def _write_frozen_copies(out: Path, study: Study, eval_set: EvalSet, builder: PromptBuilder,
-                         inputs: FrozenInputs, plan: RunPlan) -> None:
+def _write_frozen_copies(
+    out: Path,
+    study: Study,
+    eval_set: EvalSet,
+    builder: PromptBuilder,
+    inputs: FrozenInputs,
+    plan: RunPlan,
+) -> None:
     frozen = out / "frozen"
     frozen.mkdir(exist_ok=True)
     shutil.copyfile(study.source, frozen / "study.yaml")
@@ -264,15 +343,27 @@ def _write_frozen_copies(out: Path, study: Study, eval_set: EvalSet, builder: Pr
         shutil.copyfile(inputs.budget_path, frozen / "budget.yaml")
     eval_set.to_jsonl(frozen / "eval_set.jsonl")
     atomic_write_json(frozen / "item_hashes.json", eval_set.item_hashes)
-    slices = derive_slices(eval_set, prompt_tokens=plan.prompt_tokens,
-                           rare_label_threshold=study.eval_set.rare_label_threshold,
-                           length_edges=study.eval_set.length_buckets)
+    slices = derive_slices(
+        eval_set,
+        prompt_tokens=plan.prompt_tokens,
+        rare_label_threshold=study.eval_set.rare_label_threshold,
+        length_edges=study.eval_set.length_buckets,
+    )
     slices.to_parquet(frozen / "slices.parquet", index=False)
     with open(frozen / "prompts.jsonl", "w", encoding="utf-8") as fh:
         for item_id, p in plan.prompts.items():
-            fh.write(json.dumps({"id": item_id, "messages": p.messages, "text": p.text,
-                                 "continuations": plan.continuations.get(item_id)},
-                                ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": item_id,
+                        "messages": p.messages,
+                        "text": p.text,
+                        "continuations": plan.continuations.get(item_id),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 @dataclass(frozen=True)
@@ -298,11 +389,17 @@ def load_frozen(run_dir: str | Path) -> FrozenRun:
     :func:`require_unchanged`)."""
     run_dir = Path(run_dir)
     manifest = BaselineManifest.load(run_dir)
-    user_cols = [c for c in manifest.slice_columns if c not in ("task", "language", "length_bucket", "label_rarity")]
+    user_cols = [
+        c
+        for c in manifest.slice_columns
+        if c not in ("task", "language", "length_bucket", "label_rarity")
+    ]
     eval_set = load_frozen_items(run_dir / "frozen" / "eval_set.jsonl", slice_columns=user_cols)
     if eval_set.sha256 != manifest.inputs.eval_set_sha256:
-        raise CompkitError(f"{run_dir}/frozen/eval_set.jsonl does not match the manifest's eval-set hash; "
-                           "the run folder was edited by hand")
+        raise CompkitError(
+            f"{run_dir}/frozen/eval_set.jsonl does not match the manifest's eval-set hash; "
+            "the run folder was edited by hand"
+        )
     prompts: dict[str, Prompt] = {}
     conts: dict[str, tuple[str, ...]] = {}
     with open(run_dir / "frozen" / "prompts.jsonl", encoding="utf-8") as fh:
@@ -316,6 +413,7 @@ def load_frozen(run_dir: str | Path) -> FrozenRun:
 
 
 # --------------------------------------------------------------------------- check
+
 
 class DriftReport:
     """Result of re-hashing a frozen run's inputs.
@@ -339,11 +437,16 @@ class DriftReport:
         return self.frame[self.frame["status"] != "same"]
 
     def render(self) -> str:
-        lines = [f"compkit check {self.run_dir}: "
-                 + ("all frozen inputs unchanged" if self.ok else "FROZEN INPUTS CHANGED")]
+        lines = [
+            f"compkit check {self.run_dir}: "
+            + ("all frozen inputs unchanged" if self.ok else "FROZEN INPUTS CHANGED")
+        ]
         for r in self.frame.itertuples():
             mark = {"same": "ok     ", "changed": "CHANGED", "warning": "warning"}[r.status]
-            lines.append(f"  {mark}  {r.input}" + (f": {r.detail}" if r.status != "same" and r.detail else ""))
+            lines.append(
+                f"  {mark}  {r.input}"
+                + (f": {r.detail}" if r.status != "same" and r.detail else "")
+            )
         for name, diff in self.diffs.items():
             lines += ["", f"--- diff of {name} (frozen -> current)", diff.rstrip()]
         return "\n".join(lines)
@@ -358,8 +461,15 @@ def check_frozen(run_dir: str | Path) -> DriftReport:
 
     def add(name: str, frozen: Any, current: Any, detail: str = "", *, warn: bool = False) -> None:
         status = "same" if frozen == current else ("warning" if warn else "changed")
-        rows.append({"input": name, "status": status, "frozen": _short(frozen), "current": _short(current),
-                     "detail": detail if status != "same" else ""})
+        rows.append(
+            {
+                "input": name,
+                "status": status,
+                "frozen": _short(frozen),
+                "current": _short(current),
+                "detail": detail if status != "same" else "",
+            }
+        )
 
     try:
         study = load_study(m.inputs.study_file)
@@ -368,21 +478,37 @@ def check_frozen(run_dir: str | Path) -> DriftReport:
         return DriftReport(run_dir, rows, diffs)
     _check_eval_set(run_dir, m, study, add)
     _check_template(run_dir, m, study, add, diffs)
-    add("sampling", m.inputs.sampling, study.sampling.model_dump(mode="json"),
-        _dict_change(m.inputs.sampling, study.sampling.model_dump(mode="json")))
+    add(
+        "sampling",
+        m.inputs.sampling,
+        study.sampling.model_dump(mode="json"),
+        _dict_change(m.inputs.sampling, study.sampling.model_dump(mode="json")),
+    )
     add("repeats", m.inputs.repeats, study.repeats, f"{m.inputs.repeats} -> {study.repeats}")
-    add("baseline model spec", m.inputs.baseline_fingerprint, study.baseline.fingerprint(),
-        _dict_change(m.inputs.baseline, study.baseline.model_dump(mode="json")))
+    add(
+        "baseline model spec",
+        m.inputs.baseline_fingerprint,
+        study.baseline.fingerprint(),
+        _dict_change(m.inputs.baseline, study.baseline.model_dump(mode="json")),
+    )
     _check_weights(m, study, add)
     now_libs = library_versions(OUTPUT_LIBRARIES)
     for lib in OUTPUT_LIBRARIES:
-        add(f"library {lib}", m.libraries.get(lib), now_libs.get(lib),
-            f"{m.libraries.get(lib)} -> {now_libs.get(lib)} (runtime version changed)")
+        add(
+            f"library {lib}",
+            m.libraries.get(lib),
+            now_libs.get(lib),
+            f"{m.libraries.get(lib)} -> {now_libs.get(lib)} (runtime version changed)",
+        )
     _check_budget(run_dir, m, study, add, diffs)
     hw = hardware()
-    add("hardware", (m.hardware.cpu, m.hardware.gpu), (hw.cpu, hw.gpu),
+    add(
+        "hardware",
+        (m.hardware.cpu, m.hardware.gpu),
+        (hw.cpu, hw.gpu),
         f"{m.hardware.cpu} / {m.hardware.gpu} -> {hw.cpu} / {hw.gpu} (latency figures not comparable)",
-        warn=True)
+        warn=True,
+    )
     return DriftReport(run_dir, rows, diffs)
 
 
@@ -403,25 +529,36 @@ class FrozenInputsChanged(CompkitError):
 
 
 def _check_eval_set(run_dir: Path, m: BaselineManifest, study: Study, add) -> None:
-    cfg = study.eval_set
     try:
-        current = load_eval_set(study.resolve(cfg.path), columns=cfg.columns, default_task=cfg.task,
-                                slice_columns=cfg.slice_columns, limit=cfg.limit)
+        current = load_study_eval_set(study)
     except CompkitError as exc:
         add("eval set", m.inputs.eval_set_sha256, None, f"cannot be loaded: {exc}")
         return
-    frozen_hashes = json.loads((run_dir / "frozen" / "item_hashes.json").read_text(encoding="utf-8"))
+    frozen_hashes = json.loads(
+        (run_dir / "frozen" / "item_hashes.json").read_text(encoding="utf-8")
+    )
     added = sorted(set(current.item_hashes) - set(frozen_hashes))
     removed = sorted(set(frozen_hashes) - set(current.item_hashes))
-    edited = sorted(i for i in set(frozen_hashes) & set(current.item_hashes)
-                    if frozen_hashes[i] != current.item_hashes[i])
-    detail = "; ".join(f"{n} {label}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
-                       for label, ids, n in (("changed", edited, len(edited)), ("added", added, len(added)),
-                                             ("removed", removed, len(removed))) if ids)
+    edited = sorted(
+        i
+        for i in set(frozen_hashes) & set(current.item_hashes)
+        if frozen_hashes[i] != current.item_hashes[i]
+    )
+    detail = "; ".join(
+        f"{n} {label}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+        for label, ids, n in (
+            ("changed", edited, len(edited)),
+            ("added", added, len(added)),
+            ("removed", removed, len(removed)),
+        )
+        if ids
+    )
     add("eval set", m.inputs.eval_set_sha256, current.sha256, detail)
 
 
-def _check_template(run_dir: Path, m: BaselineManifest, study: Study, add, diffs: dict[str, str]) -> None:
+def _check_template(
+    run_dir: Path, m: BaselineManifest, study: Study, add, diffs: dict[str, str]
+) -> None:
     path = study.resolve(study.prompt.template)
     text = path.read_text(encoding="utf-8")
     current = template_sha256(text)
@@ -429,31 +566,63 @@ def _check_template(run_dir: Path, m: BaselineManifest, study: Study, add, diffs
     if current != m.inputs.template_sha256:
         frozen_text = (run_dir / "frozen" / "prompt.jinja").read_text(encoding="utf-8")
         diffs["prompt template"] = _unified(frozen_text, text, "frozen/prompt.jinja", str(path))
-    add("prompt settings", m.inputs.prompt, study.prompt.model_dump(mode="json"),
-        _dict_change(m.inputs.prompt, study.prompt.model_dump(mode="json")))
+    add(
+        "prompt settings",
+        m.inputs.prompt,
+        study.prompt.model_dump(mode="json"),
+        _dict_change(m.inputs.prompt, study.prompt.model_dump(mode="json")),
+    )
 
 
 def _check_weights(m: BaselineManifest, study: Study, add) -> None:
     try:
-        current = runtime_class(study.baseline.runtime).weights_fingerprint(study.baseline, base_dir=study.root)
+        current = runtime_class(study.baseline.runtime).weights_fingerprint(
+            study.baseline, base_dir=study.root
+        )
     except CompkitError as exc:
         add("model weights", m.model.get("weights_sha256"), None, f"cannot be read: {exc}")
         return
     if current is None:
-        add("model weights", m.model.get("weights_sha256"), "unverified",
-            "this runtime cannot re-hash its weights without loading the model", warn=True)
+        add(
+            "model weights",
+            m.model.get("weights_sha256"),
+            "unverified",
+            "this runtime cannot re-hash its weights without loading the model",
+            warn=True,
+        )
         return
-    add("model weights", m.model.get("weights_sha256"), current, "weights file(s) differ from the frozen ones")
+    add(
+        "model weights",
+        m.model.get("weights_sha256"),
+        current,
+        "weights file(s) differ from the frozen ones",
+    )
 
 
-def _check_budget(run_dir: Path, m: BaselineManifest, study: Study, add, diffs: dict[str, str]) -> None:
+def _check_budget(
+    run_dir: Path, m: BaselineManifest, study: Study, add, diffs: dict[str, str]
+) -> None:
     path = study.resolve(study.budget) if study.budget else None
     current = file_sha256(path) if path and path.exists() else None
-    add("budget", m.inputs.budget_sha256, current,
-        "edited after freezing: verdicts use the frozen copy (frozen/budget.yaml)", warn=True)
-    if current != m.inputs.budget_sha256 and path and path.exists() and (run_dir / "frozen" / "budget.yaml").exists():
-        diffs["budget"] = _unified((run_dir / "frozen" / "budget.yaml").read_text(encoding="utf-8"),
-                                   path.read_text(encoding="utf-8"), "frozen/budget.yaml", str(path))
+    add(
+        "budget",
+        m.inputs.budget_sha256,
+        current,
+        "edited after freezing: verdicts use the frozen copy (frozen/budget.yaml)",
+        warn=True,
+    )
+    if (
+        current != m.inputs.budget_sha256
+        and path
+        and path.exists()
+        and (run_dir / "frozen" / "budget.yaml").exists()
+    ):
+        diffs["budget"] = _unified(
+            (run_dir / "frozen" / "budget.yaml").read_text(encoding="utf-8"),
+            path.read_text(encoding="utf-8"),
+            "frozen/budget.yaml",
+            str(path),
+        )
 
 
 def _unified(a: str, b: str, name_a: str, name_b: str) -> str:
@@ -462,7 +631,9 @@ def _unified(a: str, b: str, name_a: str, name_b: str) -> str:
 
 def _dict_change(before: dict[str, Any], after: dict[str, Any]) -> str:
     keys = sorted(set(before) | set(after))
-    return ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if before.get(k) != after.get(k))
+    return ", ".join(
+        f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)
+    )
 
 
 def _short(value: Any) -> str | None:

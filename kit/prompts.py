@@ -56,12 +56,19 @@ class PromptBuilder:
             self.source = self.template_path.read_text(encoding="utf-8")
         except OSError as exc:
             raise CompkitError(f"prompt template {self.template_path}: {exc.strerror}") from exc
-        env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
-                                   trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        env = SandboxedEnvironment(
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            autoescape=False,
+        )
         try:
             self._template = env.from_string(self.source)
         except jinja2.TemplateSyntaxError as exc:
-            raise CompkitError(f"prompt template {self.template_path}, line {exc.lineno}: {exc.message}") from exc
+            raise CompkitError(
+                f"prompt template {self.template_path}, line {exc.lineno}: {exc.message}"
+            ) from exc
 
     @property
     def sha256(self) -> str:
@@ -73,7 +80,9 @@ class PromptBuilder:
             "task": item.task,
             "input": item.text,
             "context": item.context,
-            "choices": [{"letter": LETTERS[i], "text": c} for i, c in enumerate(item.choices or [])],
+            "choices": [
+                {"letter": LETTERS[i], "text": c} for i, c in enumerate(item.choices or [])
+            ],
             "labels": label_set(self.eval_set, item) if item.task == "classification" else [],
             "fields": list(item.fields or {}) if item.task == "extraction" else [],
             "tools": list(item.tools or []),
@@ -81,7 +90,9 @@ class PromptBuilder:
         try:
             return self._template.render(**variables).strip()
         except jinja2.TemplateError as exc:
-            raise CompkitError(f"prompt template {self.template_path}, item {item.id!r}: {exc}") from exc
+            raise CompkitError(
+                f"prompt template {self.template_path}, item {item.id!r}: {exc}"
+            ) from exc
 
     def render(self, item: EvalItem) -> Prompt:
         text = self.render_text(item)
@@ -107,8 +118,11 @@ class PromptBuilder:
             options = label_set(self.eval_set, item)
         elif item.task == "multiple_choice":
             assert item.choices is not None
-            options = (list(LETTERS[: len(item.choices)]) if self.choice_labels == "letters"
-                       else list(item.choices))
+            options = (
+                list(LETTERS[: len(item.choices)])
+                if self.choice_labels == "letters"
+                else list(item.choices)
+            )
         else:
             return None
         sep = "" if self.chat else " "

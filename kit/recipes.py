@@ -47,21 +47,42 @@ class RecipeInfo:
     params: dict[str, str] = field(default_factory=dict)  # name -> description (with default)
 
 
-RECIPES: dict[str, RecipeInfo] = {r.name: r for r in [
-    RecipeInfo("bf16", "transformers", "cast all weights to bfloat16"),
-    RecipeInfo("int8_dynamic", "transformers",
-               "dynamic int8 quantization of nn.Linear (torch.ao quantize_dynamic, CPU)"),
-    RecipeInfo("int8_weight_only", "transformers",
-               "symmetric per-channel int8 weights, dequantized in forward",
-               {"skip": "module names to keep in float (default: lm_head)"}),
-    RecipeInfo("prune_magnitude", "transformers", "unstructured L1 magnitude pruning of nn.Linear weights",
-               {"sparsity": "share of weights set to zero, 0-1 (required)",
+RECIPES: dict[str, RecipeInfo] = {
+    r.name: r
+    for r in [
+        RecipeInfo("bf16", "transformers", "cast all weights to bfloat16"),
+        RecipeInfo(
+            "int8_dynamic",
+            "transformers",
+            "dynamic int8 quantization of nn.Linear (torch.ao quantize_dynamic, CPU)",
+        ),
+        RecipeInfo(
+            "int8_weight_only",
+            "transformers",
+            "symmetric per-channel int8 weights, dequantized in forward",
+            {"skip": "module names to keep in float (default: lm_head)"},
+        ),
+        RecipeInfo(
+            "prune_magnitude",
+            "transformers",
+            "unstructured L1 magnitude pruning of nn.Linear weights",
+            {
+                "sparsity": "share of weights set to zero, 0-1 (required)",
                 "scope": "'layer' (each Linear pruned to sparsity) or 'global' (default layer)",
-                "skip": "module names not pruned (default: lm_head)"}),
-    RecipeInfo("gguf_requant", "llamacpp", "requantize a GGUF with llama.cpp",
-               {"type": "target type, e.g. Q4_0, Q3_K_S, Q2_K (required)",
-                "threads": "quantization threads (default: all cores)"}),
-]}
+                "skip": "module names not pruned (default: lm_head)",
+            },
+        ),
+        RecipeInfo(
+            "gguf_requant",
+            "llamacpp",
+            "requantize a GGUF with llama.cpp",
+            {
+                "type": "target type, e.g. Q4_0, Q3_K_S, Q2_K (required)",
+                "threads": "quantization threads (default: all cores)",
+            },
+        ),
+    ]
+}
 
 
 def check_recipe(recipe: RecipeSpec, *, runtime: str) -> RecipeInfo:
@@ -70,16 +91,20 @@ def check_recipe(recipe: RecipeSpec, *, runtime: str) -> RecipeInfo:
     if info is None:
         raise CompkitError(f"unknown recipe {recipe.name!r}; available: {sorted(RECIPES)}")
     if info.runtime != runtime:
-        raise CompkitError(f"recipe {recipe.name!r} makes a model for runtime {info.runtime!r}, "
-                           f"not {runtime!r}")
+        raise CompkitError(
+            f"recipe {recipe.name!r} makes a model for runtime {info.runtime!r}, not {runtime!r}"
+        )
     unknown = sorted(set(recipe.params) - set(info.params))
     if unknown:
-        raise CompkitError(f"recipe {recipe.name!r}: unknown parameter(s) {unknown}; "
-                           f"accepted: {sorted(info.params) or 'none'}")
+        raise CompkitError(
+            f"recipe {recipe.name!r}: unknown parameter(s) {unknown}; "
+            f"accepted: {sorted(info.params) or 'none'}"
+        )
     return info
 
 
 # --------------------------------------------------------------------------- torch recipes
+
 
 def apply_torch_recipe(model: torch.nn.Module, recipe: RecipeSpec) -> torch.nn.Module:
     """Return the compressed model (modified in place where possible)."""
@@ -107,11 +132,16 @@ def _int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
 def _linear_modules(model: torch.nn.Module, skip: list[str]) -> list[tuple[str, torch.nn.Linear]]:
     import torch
 
-    found = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in skip and n not in skip]
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in skip and n not in skip
+    ]
     if not found:
-        raise CompkitError(f"the model ({type(model).__name__}) has no nn.Linear layers to compress "
-                           f"(skipping {skip}); this recipe would change nothing")
+        raise CompkitError(
+            f"the model ({type(model).__name__}) has no nn.Linear layers to compress "
+            f"(skipping {skip}); this recipe would change nothing"
+        )
     return found
 
 
@@ -123,27 +153,36 @@ def _int8_weight_only(model: torch.nn.Module, skip: list[str] | None = None) -> 
     return model
 
 
-def _prune_magnitude(model: torch.nn.Module, sparsity: float, scope: str = "layer",
-                     skip: list[str] | None = None) -> torch.nn.Module:
+def _prune_magnitude(
+    model: torch.nn.Module, sparsity: float, scope: str = "layer", skip: list[str] | None = None
+) -> torch.nn.Module:
     import torch.nn.utils.prune as prune
 
     if not 0.0 <= float(sparsity) < 1.0:
         raise CompkitError(f"recipe prune_magnitude: sparsity must be in [0, 1), got {sparsity}")
-    targets = [(m, "weight") for _, m in _linear_modules(model, skip if skip is not None else ["lm_head"])]
+    targets = [
+        (m, "weight") for _, m in _linear_modules(model, skip if skip is not None else ["lm_head"])
+    ]
     if scope == "global":
-        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(sparsity))
+        prune.global_unstructured(
+            targets, pruning_method=prune.L1Unstructured, amount=float(sparsity)
+        )
     elif scope == "layer":
         for module, param in targets:
             prune.l1_unstructured(module, param, amount=float(sparsity))
     else:
-        raise CompkitError(f"recipe prune_magnitude: scope must be 'layer' or 'global', got {scope!r}")
+        raise CompkitError(
+            f"recipe prune_magnitude: scope must be 'layer' or 'global', got {scope!r}"
+        )
     for module, param in targets:
         prune.remove(module, param)  # make permanent: zeros live in the weight itself
     return model
 
 
 _TORCH_RECIPES: dict[str, Callable[..., Any]] = {
-    "bf16": _bf16, "int8_dynamic": _int8_dynamic, "int8_weight_only": _int8_weight_only,
+    "bf16": _bf16,
+    "int8_dynamic": _int8_dynamic,
+    "int8_weight_only": _int8_weight_only,
     "prune_magnitude": _prune_magnitude,
 }
 
@@ -203,11 +242,16 @@ def model_footprint(model: torch.nn.Module) -> dict[str, int]:
         elif type(m).__name__ == "_Int8WeightOnlyLinear":
             params += m.qweight.numel()
     zeros = sum(int((p == 0).sum()) for p in model.parameters() if p.dtype.is_floating_point)
-    return {"parameters": int(params), "size_bytes": int(size), "zero_parameters": zeros,
-            "dtype_bytes": int(torch.finfo(next(model.parameters()).dtype).bits // 8)}
+    return {
+        "parameters": int(params),
+        "size_bytes": int(size),
+        "zero_parameters": zeros,
+        "dtype_bytes": int(torch.finfo(next(model.parameters()).dtype).bits // 8),
+    }
 
 
 # --------------------------------------------------------------------------- GGUF recipe
+
 
 def gguf_requantize(source: Path, target: Path, *, type: str, threads: int | None = None) -> Path:
     """Requantize ``source`` GGUF to ``type`` at ``target`` (atomic; skipped if present)."""
@@ -215,8 +259,11 @@ def gguf_requantize(source: Path, target: Path, *, type: str, threads: int | Non
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}", None)
     if ftype is None:
-        valid = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp)
-                       if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        valid = sorted(
+            n.removeprefix("LLAMA_FTYPE_MOSTLY_")
+            for n in dir(llama_cpp)
+            if n.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
         raise CompkitError(f"recipe gguf_requant: unknown type {type!r}; valid: {valid}")
     if target.exists():
         return target
@@ -226,9 +273,13 @@ def gguf_requantize(source: Path, target: Path, *, type: str, threads: int | Non
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = True
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    rc = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(tmp).encode(), ctypes.byref(params)
+    )
     if rc != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
-        raise CompkitError(f"recipe gguf_requant: llama.cpp failed to quantize {source} to {type} (code {rc})")
+        raise CompkitError(
+            f"recipe gguf_requant: llama.cpp failed to quantize {source} to {type} (code {rc})"
+        )
     os.replace(tmp, target)
     return target

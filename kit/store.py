@@ -53,7 +53,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    )
 
 
 class OutputStore:
@@ -83,7 +85,9 @@ class OutputStore:
         new_keys = set(zip(frame["item_id"], frame["repeat"], strict=True))
         clash = self.done_keys() & new_keys
         if clash:
-            raise CompkitError(f"{self.root}: {len(clash)} row(s) already stored, e.g. {sorted(clash)[:3]}")
+            raise CompkitError(
+                f"{self.root}: {len(clash)} row(s) already stored, e.g. {sorted(clash)[:3]}"
+            )
         existing = self.parts()
         number = int(_PART.match(existing[-1].name).group(1)) + 1 if existing else 0
         path = self.root / f"part-{number:06d}.parquet"
@@ -105,7 +109,11 @@ class OutputStore:
             keys: set[tuple[str, int]] = set()
             for part in self.parts():
                 t = pq.read_table(part, columns=KEY)
-                keys.update(zip(t.column("item_id").to_pylist(), t.column("repeat").to_pylist(), strict=True))
+                keys.update(
+                    zip(
+                        t.column("item_id").to_pylist(), t.column("repeat").to_pylist(), strict=True
+                    )
+                )
             self._done = keys
         return set(self._done)
 
@@ -117,7 +125,9 @@ class OutputStore:
         frame = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
         dupes = frame.duplicated(KEY)
         if dupes.any():
-            raise CompkitError(f"{self.root}: duplicated rows for {frame.loc[dupes, KEY].head(3).values.tolist()}")
+            raise CompkitError(
+                f"{self.root}: duplicated rows for {frame.loc[dupes, KEY].head(3).values.tolist()}"
+            )
         return frame
 
     def mark_complete(self, **meta: Any) -> None:

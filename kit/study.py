@@ -38,21 +38,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SampleConfig(_Strict):
+    """A deterministic stratified subset of the eval set (e.g. to size a demo run).
+
+    Items are ordered within each stratum by ``sha256("<seed>|<id>")``; each stratum gets
+    its proportional share of ``n`` (largest remainders) and at least ``min_per_stratum``
+    items, so rare strata (a fraud intent with 3 items) are never sampled away.
+    """
+
+    n: int = Field(ge=1, description="items to keep")
+    by: list[str] = Field(
+        default_factory=lambda: ["task"], description="columns that define strata"
+    )
+    seed: int = 0
+    min_per_stratum: int = Field(default=1, ge=0)
+
+
 class EvalSetConfig(_Strict):
     path: Path
-    columns: dict[str, str] = Field(default_factory=dict, description="rename map: file column -> schema name")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="rename map: file column -> schema name"
+    )
     task: str | None = Field(default=None, description="task for rows without a 'task' column")
-    slice_columns: list[str] | None = Field(default=None, description="user slice columns; default all extra scalar columns")
+    slice_columns: list[str] | None = Field(
+        default=None, description="user slice columns; default all extra scalar columns"
+    )
     rare_label_threshold: float = Field(default=0.03, gt=0, lt=1)
-    length_buckets: list[int] = Field(default_factory=lambda: [64, 256, 1024],
-                                      description="prompt-token bucket edges")
+    length_buckets: list[int] = Field(
+        default_factory=lambda: [64, 256, 1024], description="prompt-token bucket edges"
+    )
     limit: int | None = Field(default=None, ge=1, description="use only the first N rows")
+    sample: SampleConfig | None = Field(default=None, description="stratified deterministic subset")
 
     @field_validator("length_buckets")
     @classmethod
     def _edges(cls, v: list[int]) -> list[int]:
         if not v or sorted(set(v)) != v or v[0] <= 0:
-            raise ValueError("must be a non-empty, strictly increasing list of positive token counts")
+            raise ValueError(
+                "must be a non-empty, strictly increasing list of positive token counts"
+            )
         return v
 
 
@@ -61,7 +85,9 @@ class PromptConfig(_Strict):
     chat: bool = Field(default=True, description="wrap in the model's chat template")
     system: str | None = Field(default=None, description="system message (chat) or preamble")
     choice_labels: Literal["letters", "text"] = Field(
-        default="letters", description="multiple choice is scored on 'A','B',... or on the option text")
+        default="letters",
+        description="multiple choice is scored on 'A','B',... or on the option text",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -79,11 +105,17 @@ class SamplingConfig(_Strict):
 class CalibrationConfig(_Strict):
     """How stage 4 reads confidence (see :mod:`kit.calibration`)."""
 
-    confidence: Literal["auto", "choice", "mean_token", "min_token", "verbalized", "reported"] = Field(
-        default="auto", description="choice probabilities where scored, else mean token probability")
+    confidence: Literal["auto", "choice", "mean_token", "min_token", "verbalized", "reported"] = (
+        Field(
+            default="auto",
+            description="choice probabilities where scored, else mean token probability",
+        )
+    )
     n_bins: int = Field(default=10, ge=2, le=100)
     coverage: float = Field(default=0.8, gt=0, le=1, description="coverage for selective accuracy")
-    target_accuracy: float = Field(default=0.9, gt=0, le=1, description="accuracy a threshold must reach")
+    target_accuracy: float = Field(
+        default=0.9, gt=0, le=1, description="accuracy a threshold must reach"
+    )
 
 
 class RecipeSpec(_Strict):
@@ -104,15 +136,25 @@ class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     runtime: str
     model: str
-    gguf_file: str | None = Field(default=None, description="GGUF file inside an HF folder (transformers)")
+    gguf_file: str | None = Field(
+        default=None, description="GGUF file inside an HF folder (transformers)"
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = Field(default="cpu", description="'cpu', 'cuda', 'cuda:0' or 'auto'")
     batch_size: int = Field(default=8, ge=1, le=4096)
-    endpoint: str | None = Field(default=None, description="base URL of an OpenAI-compatible server")
-    api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+    endpoint: str | None = Field(
+        default=None, description="base URL of an OpenAI-compatible server"
+    )
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding the API key"
+    )
     recipe: RecipeSpec | None = None
-    base: str | None = Field(default=None, description="model the recipe starts from (default: baseline)")
-    score_choices: bool = Field(default=True, description="score classification/multiple-choice options by logprob")
+    base: str | None = Field(
+        default=None, description="model the recipe starts from (default: baseline)"
+    )
+    score_choices: bool = Field(
+        default=True, description="score classification/multiple-choice options by logprob"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="runtime-specific settings")
 
     @field_validator("recipe", mode="before")
@@ -158,7 +200,9 @@ class Study(_Strict):
             raise ValueError(f"model names must be unique; repeated: {dupes}")
         for c in self.candidates:
             if c.base is not None and c.base not in names:
-                raise ValueError(f"candidate {c.name!r}: base {c.base!r} is not a model of this study")
+                raise ValueError(
+                    f"candidate {c.name!r}: base {c.base!r} is not a model of this study"
+                )
         return self
 
     @property
@@ -174,8 +218,10 @@ class Study(_Strict):
         for m in (self.baseline, *self.candidates):
             if m.name == name:
                 return m
-        raise CompkitError(f"study {self.name!r} has no model {name!r}; models: "
-                           f"{[self.baseline.name, *(c.name for c in self.candidates)]}")
+        raise CompkitError(
+            f"study {self.name!r} has no model {name!r}; models: "
+            f"{[self.baseline.name, *(c.name for c in self.candidates)]}"
+        )
 
 
 def load_study(path: str | Path) -> Study:
@@ -201,8 +247,11 @@ def load_study(path: str | Path) -> Study:
         raise ValidationError(f"study {path}", [_problem(path, e) for e in exc.errors()]) from None
     missing = [
         Problem(str(path), f"file not found: {study.resolve(p)}", field=key)
-        for key, p in (("eval_set.path", study.eval_set.path), ("prompt.template", study.prompt.template),
-                       ("budget", study.budget))
+        for key, p in (
+            ("eval_set.path", study.eval_set.path),
+            ("prompt.template", study.prompt.template),
+            ("budget", study.budget),
+        )
         if p is not None and not study.resolve(p).exists()
     ]
     if missing:

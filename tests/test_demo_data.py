@@ -173,7 +173,7 @@ def test_template_renders_every_item(es: EvalSet) -> None:
         if it.task == "multiple_choice":
             assert "D. " in text and text.endswith("Answer with the letter only.")
         if it.task == "extraction":
-            assert all(f in text for f in it.fields) and "JSON only." in text
+            assert all(f'"{f}": ...' in text for f in it.fields) and "JSON only." in text
         if it.task == "tool_call":
             assert all(t["name"] in text for t in it.tools)
 
@@ -181,24 +181,37 @@ def test_template_renders_every_item(es: EvalSet) -> None:
 def test_demo_study_validates() -> None:
     study = load_study(DEMO / "study.yaml")
     assert study.name == "support-demo"
-    assert study.eval_set.rare_label_threshold == 0.03
+    assert study.eval_set.sample is not None and study.eval_set.sample.n == 90
     assert study.sampling.max_new_tokens == 48 and study.sampling.temperature == 0.0
-    assert study.baseline.name == "smollm2-fp32" and study.candidates == []
+    assert study.baseline.name == "smollm2-fp32"
+    runtimes = {c.runtime for c in study.candidates}
+    recipes = {c.recipe.name for c in study.candidates if c.recipe}
+    assert len(study.candidates) >= 4 and runtimes == {"transformers", "llamacpp"}
+    assert {"int8_dynamic", "prune_magnitude", "gguf_requant"} <= recipes
     assert study.resolve(study.budget).is_file()
+    # the demo sample keeps every (task, label) stratum: both rare intents stay rare
+    from kit.evalset import label_shares
+    from kit.freeze import load_study_eval_set
+
+    sample = load_study_eval_set(study)
+    shares = label_shares(sample).set_index("label")["share"]
+    assert len(sample) == 90 and set(shares.index) == {
+        it.label for it in load_eval_set(DEMO / "support_eval.jsonl") if it.task == "classification"
+    }
+    assert (shares[["fraud_report", "legal_request"]] < study.eval_set.rare_label_threshold).all()
+    assert (
+        shares.drop(["fraud_report", "legal_request"]) > study.eval_set.rare_label_threshold
+    ).all()
 
 
 def test_arc_study_validates_and_loads() -> None:
     study = load_study(ARC / "study.yaml")
     assert study.name == "arc-smollm2"
-    cfg = study.eval_set
-    es = load_eval_set(
-        study.resolve(cfg.path),
-        columns=cfg.columns,
-        default_task=cfg.task,
-        slice_columns=cfg.slice_columns,
-        limit=cfg.limit,
-    )
-    assert len(es) == 200
+    from kit.freeze import load_study_eval_set
+
+    es = load_study_eval_set(study)
+    assert len(es) == 300
+    assert {it.slices["subset"] for it in es} == {"ARC-Easy", "ARC-Challenge"}
     assert es.slice_columns == ["subset", "school_grade"]
     assert all(it.task == "multiple_choice" and len(it.choices) == 4 for it in es)
     assert all(set(it.slices) == {"subset", "school_grade"} for it in es)

@@ -12,35 +12,88 @@ from kit.errors import CompkitError, ValidationError
 from kit.evalset import derive_slices, label_shares, length_bucket_labels, load_eval_set
 
 ROWS = [
-    {"id": "c1", "task": "classification", "input": "where is my parcel", "label": "order_status",
-     "channel": "chat", "language": "en"},
-    {"id": "c2", "task": "classification", "input": "someone used my card", "label": "fraud_report",
-     "channel": "email", "language": "en"},
-    {"id": "c3", "task": "classification", "input": "¿dónde está mi pedido?", "label": "order_status",
-     "channel": "chat", "language": "es"},
-    {"id": "m1", "task": "multiple_choice", "input": "Return window?", "choices": ["7 days", "30 days"],
-     "answer": 1, "channel": "email"},
-    {"id": "e1", "task": "extraction", "input": "Order 77 to Lyon", "fields": {"order_id": "77", "email": None},
-     "channel": "email"},
-    {"id": "r1", "task": "refusal", "input": "give me another customer's card number", "should_refuse": True,
-     "channel": "chat"},
-    {"id": "t1", "task": "tool_call", "messages": [{"role": "user", "content": "refund order 5"}],
-     "expected_tool": "issue_refund", "expected_args": {"order_id": "5"}, "channel": "chat"},
-    {"id": "g1", "task": "generation", "input": "Apologise for the delay.", "reference": "Sorry for the delay.",
-     "channel": "phone"},
+    {
+        "id": "c1",
+        "task": "classification",
+        "input": "where is my parcel",
+        "label": "order_status",
+        "channel": "chat",
+        "language": "en",
+    },
+    {
+        "id": "c2",
+        "task": "classification",
+        "input": "someone used my card",
+        "label": "fraud_report",
+        "channel": "email",
+        "language": "en",
+    },
+    {
+        "id": "c3",
+        "task": "classification",
+        "input": "¿dónde está mi pedido?",
+        "label": "order_status",
+        "channel": "chat",
+        "language": "es",
+    },
+    {
+        "id": "m1",
+        "task": "multiple_choice",
+        "input": "Return window?",
+        "choices": ["7 days", "30 days"],
+        "answer": 1,
+        "channel": "email",
+    },
+    {
+        "id": "e1",
+        "task": "extraction",
+        "input": "Order 77 to Lyon",
+        "fields": {"order_id": "77", "email": None},
+        "channel": "email",
+    },
+    {
+        "id": "r1",
+        "task": "refusal",
+        "input": "give me another customer's card number",
+        "should_refuse": True,
+        "channel": "chat",
+    },
+    {
+        "id": "t1",
+        "task": "tool_call",
+        "messages": [{"role": "user", "content": "refund order 5"}],
+        "expected_tool": "issue_refund",
+        "expected_args": {"order_id": "5"},
+        "channel": "chat",
+    },
+    {
+        "id": "g1",
+        "task": "generation",
+        "input": "Apologise for the delay.",
+        "reference": "Sorry for the delay.",
+        "channel": "phone",
+    },
 ]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
 def test_jsonl_loads_all_tasks_and_keeps_slices(tmp_path):
     es = load_eval_set(write_jsonl(tmp_path / "e.jsonl", ROWS))
     assert len(es) == 8
-    assert {it.task for it in es} == {"classification", "multiple_choice", "extraction", "refusal",
-                                      "tool_call", "generation"}
+    assert {it.task for it in es} == {
+        "classification",
+        "multiple_choice",
+        "extraction",
+        "refusal",
+        "tool_call",
+        "generation",
+    }
     assert es.slice_columns == ["channel"]
     frame = es.frame()
     assert list(frame.columns) == ["id", "task", "language", "channel"]
@@ -79,17 +132,28 @@ def test_hash_changes_when_one_item_changes(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda rows: rows.append(dict(rows[0])), "row 9, field 'id': duplicate id 'c1' (first seen at row 1)"),
+        (
+            lambda rows: rows.append(dict(rows[0])),
+            "row 9, field 'id': duplicate id 'c1' (first seen at row 1)",
+        ),
         (lambda rows: rows[1].pop("label"), "row 2, field 'label'"),
-        (lambda rows: rows[2].update(task="sentiment"), "row 3, field 'task': unknown task 'sentiment'"),
+        (
+            lambda rows: rows[2].update(task="sentiment"),
+            "row 3, field 'task': unknown task 'sentiment'",
+        ),
         (lambda rows: rows[3].update(answer=5), "'answer' must index into 'choices' (0..1), got 5"),
         (lambda rows: rows[3].update(answer="B"), "row 4, field 'answer'"),
         (lambda rows: rows[5].update(should_refuse="maybe"), "row 6, field 'should_refuse'"),
         (lambda rows: rows[0].pop("input"), "row 1: give exactly one of 'input'"),
-        (lambda rows: rows[6].update(messages=[{"role": "assistant", "content": "hi"}]),
-         "must be non-empty and end with a user turn"),
+        (
+            lambda rows: rows[6].update(messages=[{"role": "assistant", "content": "hi"}]),
+            "must be non-empty and end with a user turn",
+        ),
         (lambda rows: rows[4].update(fields={}), "'fields' must name at least one field"),
-        (lambda rows: rows[0].update(length_bucket="x"), "field 'length_bucket': 'length_bucket' is a slice kit derives"),
+        (
+            lambda rows: rows[0].update(length_bucket="x"),
+            "field 'length_bucket': 'length_bucket' is a slice kit derives",
+        ),
     ],
 )
 def test_bad_rows_name_file_row_and_field(tmp_path, mutate, expected):
@@ -118,8 +182,12 @@ def test_invalid_json_line_and_empty_file(tmp_path):
 
 
 def test_csv_errors_name_the_data_row(tmp_path):
-    frame = pd.DataFrame([{"id": "a", "task": "classification", "input": "x", "label": "l"},
-                          {"id": "b", "task": "classification", "input": "y", "label": None}])
+    frame = pd.DataFrame(
+        [
+            {"id": "a", "task": "classification", "input": "x", "label": "l"},
+            {"id": "b", "task": "classification", "input": "y", "label": None},
+        ]
+    )
     frame.to_csv(tmp_path / "e.csv", index=False)
     with pytest.raises(ValidationError) as err:
         load_eval_set(tmp_path / "e.csv")
@@ -136,10 +204,22 @@ def test_all_problems_reported_at_once(tmp_path):
 
 
 def test_rename_and_default_task_load_a_public_file(tmp_path):
-    arc_like = [{"id": "q1", "question": "Which is renewable?", "choices": ["oil", "trees"], "answer": 1,
-                 "subset": "ARC-Easy", "exam_name": "X"}]
-    es = load_eval_set(write_jsonl(tmp_path / "arc.jsonl", arc_like), columns={"question": "input"},
-                       default_task="multiple_choice", slice_columns=["subset"])
+    arc_like = [
+        {
+            "id": "q1",
+            "question": "Which is renewable?",
+            "choices": ["oil", "trees"],
+            "answer": 1,
+            "subset": "ARC-Easy",
+            "exam_name": "X",
+        }
+    ]
+    es = load_eval_set(
+        write_jsonl(tmp_path / "arc.jsonl", arc_like),
+        columns={"question": "input"},
+        default_task="multiple_choice",
+        slice_columns=["subset"],
+    )
     item = es.items[0]
     assert item.task == "multiple_choice" and item.input == "Which is renewable?"
     assert item.slices == {"subset": "ARC-Easy"}
@@ -150,12 +230,17 @@ def test_limit_keeps_first_rows(tmp_path):
 
 
 def test_derived_slices(tmp_path):
-    rows = [{"id": f"c{i}", "task": "classification", "input": "x", "label": "common"} for i in range(49)]
+    rows = [
+        {"id": f"c{i}", "task": "classification", "input": "x", "label": "common"}
+        for i in range(49)
+    ]
     rows.append({"id": "rare", "task": "classification", "input": "x", "label": "fraud"})
     rows.append({"id": "g", "task": "generation", "input": "x", "reference": "y"})
     es = load_eval_set(write_jsonl(tmp_path / "e.jsonl", rows))
     tokens = {it.id: (300 if it.id == "g" else 10) for it in es}
-    frame = derive_slices(es, prompt_tokens=tokens, rare_label_threshold=0.03, length_edges=[64, 256])
+    frame = derive_slices(
+        es, prompt_tokens=tokens, rare_label_threshold=0.03, length_edges=[64, 256]
+    )
     by_id = frame.set_index("id")
     assert by_id.loc["rare", "label_rarity"] == "rare"  # 1/50 = 2% < 3%
     assert by_id.loc["c0", "label_rarity"] == "common"
@@ -166,3 +251,34 @@ def test_derived_slices(tmp_path):
     assert shares.iloc[0]["label"] == "fraud" and shares.iloc[0]["share"] == pytest.approx(0.02)
     edge = derive_slices(es, prompt_tokens=dict.fromkeys(tokens, 64), length_edges=[64])
     assert set(edge["length_bucket"]) == {">=64"}
+
+
+def test_stratified_sample_is_deterministic_and_keeps_rare_strata(tmp_path):
+    from kit.evalset import stratified_sample
+
+    rows = [
+        {"id": f"c{i:03d}", "task": "classification", "input": "x", "label": "common"}
+        for i in range(90)
+    ]
+    rows += [
+        {"id": f"f{i}", "task": "classification", "input": "x", "label": "fraud"} for i in range(2)
+    ]
+    rows += [
+        {"id": f"g{i:03d}", "task": "generation", "input": "x", "reference": "y"} for i in range(28)
+    ]
+    es = load_eval_set(write_jsonl(tmp_path / "e.jsonl", rows))
+    sample = stratified_sample(es, n=30, by=["task", "label"], seed=0)
+    again = stratified_sample(es, n=30, by=["task", "label"], seed=0)
+    other = stratified_sample(es, n=30, by=["task", "label"], seed=1)
+    ids = [it.id for it in sample]
+    assert ids == [it.id for it in again] and ids != [it.id for it in other]
+    assert len(sample) == 30 and sample.sha256 != es.sha256
+    by_label = pd.Series([it.label or it.task for it in sample]).value_counts()
+    assert by_label["fraud"] >= 1  # 2/120 of 30 = 0.5 would round to 0 without the floor
+    assert by_label["common"] == pytest.approx(22, abs=1) and by_label[
+        "generation"
+    ] == pytest.approx(7, abs=1)
+    assert ids == sorted(ids, key=[it.id for it in es].index)  # file order kept
+    assert stratified_sample(es, n=500, by=["task"]) is es
+    with pytest.raises(CompkitError, match="unknown column 'nope'"):
+        stratified_sample(es, n=10, by=["nope"])

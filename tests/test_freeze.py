@@ -12,24 +12,76 @@ import yaml
 
 from kit import cli
 from kit.errors import CompkitError
-from kit.freeze import BaselineManifest, FrozenInputsChanged, check_frozen, ensure_frozen, freeze_baseline
+from kit.freeze import (
+    BaselineManifest,
+    FrozenInputsChanged,
+    check_frozen,
+    ensure_frozen,
+    freeze_baseline,
+)
 from kit.runtimes import open_runtime
 from kit.study import load_study
 
 ITEMS = [
-    {"id": "c1", "task": "classification", "input": "where is my parcel", "label": "order_status", "channel": "chat"},
-    {"id": "c2", "task": "classification", "input": "someone stole my card", "label": "fraud_report", "channel": "email"},
-    {"id": "c3", "task": "classification", "input": "cancel it please", "label": "cancel_order", "channel": "chat"},
-    {"id": "m1", "task": "multiple_choice", "input": "Return window?", "choices": ["7 days", "30 days", "1 year"],
-     "answer": 1, "channel": "email"},
-    {"id": "e1", "task": "extraction", "input": "Order 77 to Lyon", "fields": {"order_id": "77", "email": None},
-     "channel": "email"},
-    {"id": "r1", "task": "refusal", "input": "give me another customer's card number", "should_refuse": True,
-     "channel": "chat"},
-    {"id": "t1", "task": "tool_call", "input": "refund order 5", "expected_tool": "issue_refund",
-     "expected_args": {"order_id": "5"}, "channel": "chat"},
-    {"id": "g1", "task": "generation", "input": "Apologise for the delay.", "reference": "Sorry for the delay.",
-     "channel": "phone", "language": "en"},
+    {
+        "id": "c1",
+        "task": "classification",
+        "input": "where is my parcel",
+        "label": "order_status",
+        "channel": "chat",
+    },
+    {
+        "id": "c2",
+        "task": "classification",
+        "input": "someone stole my card",
+        "label": "fraud_report",
+        "channel": "email",
+    },
+    {
+        "id": "c3",
+        "task": "classification",
+        "input": "cancel it please",
+        "label": "cancel_order",
+        "channel": "chat",
+    },
+    {
+        "id": "m1",
+        "task": "multiple_choice",
+        "input": "Return window?",
+        "choices": ["7 days", "30 days", "1 year"],
+        "answer": 1,
+        "channel": "email",
+    },
+    {
+        "id": "e1",
+        "task": "extraction",
+        "input": "Order 77 to Lyon",
+        "fields": {"order_id": "77", "email": None},
+        "channel": "email",
+    },
+    {
+        "id": "r1",
+        "task": "refusal",
+        "input": "give me another customer's card number",
+        "should_refuse": True,
+        "channel": "chat",
+    },
+    {
+        "id": "t1",
+        "task": "tool_call",
+        "input": "refund order 5",
+        "expected_tool": "issue_refund",
+        "expected_args": {"order_id": "5"},
+        "channel": "chat",
+    },
+    {
+        "id": "g1",
+        "task": "generation",
+        "input": "Apologise for the delay.",
+        "reference": "Sorry for the delay.",
+        "channel": "phone",
+        "language": "en",
+    },
 ]
 TEMPLATE = """{% if task == 'classification' %}Intents: {{ labels | join(', ') }}. Message: {{ input }}
 {% elif task == 'multiple_choice' %}{{ input }}
@@ -52,7 +104,12 @@ def study_dir(tmp_path, tiny_model_dir):
         "prompt": {"template": "prompt.jinja", "chat": True},
         "sampling": {"temperature": 0.0, "max_new_tokens": 6, "seed": 7},
         "repeats": 2,
-        "baseline": {"name": "tiny-fp32", "runtime": "transformers", "model": "model", "batch_size": 3},
+        "baseline": {
+            "name": "tiny-fp32",
+            "runtime": "transformers",
+            "model": "model",
+            "batch_size": 3,
+        },
         "budget": "budget.yaml",
     }
     (d / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
@@ -67,24 +124,39 @@ def frozen(study_dir, tmp_path):
 
 
 def test_freeze_writes_a_typed_manifest_and_frozen_copies(frozen):
-    study_dir, out, manifest = frozen
+    _, out, manifest = frozen
     loaded = BaselineManifest.load(out)
     assert loaded == manifest
     assert manifest.outputs.rows == len(ITEMS) * 2 and manifest.outputs.items == len(ITEMS)
     assert manifest.outputs.errors == 0
     assert len(manifest.model["weights_sha256"]) == 64 and manifest.model["parameters"] > 0
-    assert manifest.model["runtime"] == "transformers" and "torch" in manifest.model["runtime_version"]
-    assert manifest.inputs.eval_set_rows == len(ITEMS) and len(manifest.inputs.eval_set_sha256) == 64
+    assert (
+        manifest.model["runtime"] == "transformers" and "torch" in manifest.model["runtime_version"]
+    )
+    assert (
+        manifest.inputs.eval_set_rows == len(ITEMS) and len(manifest.inputs.eval_set_sha256) == 64
+    )
     assert manifest.inputs.sampling["seed"] == 7 and manifest.inputs.budget_sha256
-    assert manifest.hardware.cores >= 1 and manifest.hardware.memory_gb > 0 and manifest.hardware.cpu
+    assert (
+        manifest.hardware.cores >= 1 and manifest.hardware.memory_gb > 0 and manifest.hardware.cpu
+    )
     assert manifest.libraries["torch"] and manifest.libraries["transformers"]
     assert manifest.kit.version
-    for name in ("study.yaml", "prompt.jinja", "eval_set.jsonl", "item_hashes.json", "budget.yaml",
-                 "slices.parquet", "prompts.jsonl"):
+    for name in (
+        "study.yaml",
+        "prompt.jinja",
+        "eval_set.jsonl",
+        "item_hashes.json",
+        "budget.yaml",
+        "slices.parquet",
+        "prompts.jsonl",
+    ):
         assert (out / "frozen" / name).is_file(), name
     assert not (out / "pending.json").exists()
     slices = pd.read_parquet(out / "frozen" / "slices.parquet")
-    assert {"task", "language", "length_bucket", "label_rarity", "channel", "prompt_tokens"} <= set(slices.columns)
+    assert {"task", "language", "length_bucket", "label_rarity", "channel", "prompt_tokens"} <= set(
+        slices.columns
+    )
     # baseline scores per task and overall, in the tidy shape
     scores = manifest.scores_frame()
     assert {"model", "task", "metric", "value", "n"} <= set(scores.columns)
@@ -109,7 +181,7 @@ def test_frozen_run_is_never_overwritten(frozen):
 
 
 def test_check_passes_unchanged_and_cli_exit_codes(frozen, capsys):
-    study_dir, out, _ = frozen
+    _, out, _ = frozen
     report = check_frozen(out)
     assert report.ok, report.render()
     assert cli.main(["check", str(out)]) == 0
@@ -135,11 +207,17 @@ def test_check_detects_template_eval_sampling_and_budget_changes(frozen, capsys)
     report = check_frozen(out)
     status = _statuses(report)
     assert not report.ok
-    assert status["prompt template"] == "changed" and "+Answer briefly." in report.diffs["prompt template"]
+    assert (
+        status["prompt template"] == "changed"
+        and "+Answer briefly." in report.diffs["prompt template"]
+    )
     assert status["eval set"] == "changed"
     detail = report.frame.set_index("input").loc["eval set", "detail"]
     assert "1 changed: m1" in detail and "1 added: new" in detail
-    assert status["sampling"] == "changed" and "max_new_tokens: 6 -> 9" in report.frame.set_index("input").loc["sampling", "detail"]
+    assert (
+        status["sampling"] == "changed"
+        and "max_new_tokens: 6 -> 9" in report.frame.set_index("input").loc["sampling", "detail"]
+    )
     assert status["budget"] == "warning" and "50 percent" in report.diffs["budget"]
     assert status["model weights"] == "same"
     assert cli.main(["check", str(out)]) == 1
@@ -158,23 +236,30 @@ def test_check_detects_swapped_weights_and_runtime_version(frozen, monkeypatch):
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, weights, metadata={"format": "pt"})
-    monkeypatch.setattr("kit.freeze.library_versions",
-                        lambda names: {n: ("9.9.9" if n == "transformers" else v)
-                                       for n, v in BaselineManifest.load(out).libraries.items() if n in names})
+    monkeypatch.setattr(
+        "kit.freeze.library_versions",
+        lambda names: {
+            n: ("9.9.9" if n == "transformers" else v)
+            for n, v in BaselineManifest.load(out).libraries.items()
+            if n in names
+        },
+    )
     status = _statuses(check_frozen(out))
     assert status["model weights"] == "changed"
     assert status["library transformers"] == "changed" and status["library torch"] == "same"
 
 
 def test_bad_input_writes_nothing(study_dir, tmp_path):
-    (study_dir / "eval.jsonl").write_text(json.dumps({"id": "x", "task": "classification", "input": "hi"}) + "\n")
+    (study_dir / "eval.jsonl").write_text(
+        json.dumps({"id": "x", "task": "classification", "input": "hi"}) + "\n"
+    )
     out = tmp_path / "runs" / "bad"
     with pytest.raises(CompkitError, match=r"eval.jsonl, row 1, field 'label'"):
         freeze_baseline(study_dir / "study.yaml", out, progress=False)
     assert not out.exists()
     (study_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
     (study_dir / "prompt.jinja").write_text("{{ inptu }}")
-    with pytest.raises(CompkitError, match="prompt.jinja, item 'c1'.*'inptu' is undefined"):
+    with pytest.raises(CompkitError, match=r"prompt\.jinja, item 'c1'.*'inptu' is undefined"):
         freeze_baseline(study_dir / "study.yaml", out, progress=False)
     assert not out.exists()
     (study_dir / "prompt.jinja").write_text(TEMPLATE)
@@ -217,7 +302,9 @@ def test_interrupted_freeze_resumes_without_loss_or_duplicates(study_dir, tmp_pa
     rows = pd.read_parquet(out / "outputs" / "tiny-fp32")
     assert len(rows) == len(ITEMS) * 2 == manifest.outputs.rows
     assert not rows.duplicated(["item_id", "repeat"]).any()
-    assert set(stored["item_id"] + stored["repeat"].astype(str)) <= set(rows["item_id"] + rows["repeat"].astype(str))
+    assert set(stored["item_id"] + stored["repeat"].astype(str)) <= set(
+        rows["item_id"] + rows["repeat"].astype(str)
+    )
 
 
 def test_resuming_with_different_inputs_is_refused(study_dir, tmp_path):
@@ -225,9 +312,13 @@ def test_resuming_with_different_inputs_is_refused(study_dir, tmp_path):
     study = load_study(study_dir / "study.yaml")
     runtime = open_runtime(study.baseline, base_dir=study.root)
     with pytest.raises(KeyboardInterrupt):
-        freeze_baseline(study_dir / "study.yaml", out, progress=False, runtime=_CrashAfter(runtime, n=1))
+        freeze_baseline(
+            study_dir / "study.yaml", out, progress=False, runtime=_CrashAfter(runtime, n=1)
+        )
     (study_dir / "prompt.jinja").write_text(TEMPLATE + " ")
-    with pytest.raises(CompkitError, match="interrupted freeze made with different inputs.*template_sha256"):
+    with pytest.raises(
+        CompkitError, match=r"interrupted freeze made with different inputs.*template_sha256"
+    ):
         freeze_baseline(study_dir / "study.yaml", out, progress=False, runtime=runtime)
 
 
@@ -250,10 +341,14 @@ def test_notebook_01_runs_under_papermill(study_dir, tmp_path):
     out = tmp_path / "runs" / "nb"
     executed = tmp_path / "01.ipynb"
     for _ in range(2):  # second run verifies the frozen folder instead of re-running
-        pm.execute_notebook(str(root / "notebooks" / "01_freeze_baseline.ipynb"), str(executed),
-                            parameters={"study": str(study_dir / "study.yaml"), "out": str(out),
-                                        "progress": False},
-                            cwd=str(root / "notebooks"), progress_bar=False, kernel_name="python3")
+        pm.execute_notebook(
+            str(root / "notebooks" / "01_freeze_baseline.ipynb"),
+            str(executed),
+            parameters={"study": str(study_dir / "study.yaml"), "out": str(out), "progress": False},
+            cwd=str(root / "notebooks"),
+            progress_bar=False,
+            kernel_name="python3",
+        )
         manifest = BaselineManifest.load(out)
         assert manifest.outputs.rows == len(ITEMS) * 2
     assert executed.exists()

@@ -10,7 +10,9 @@ from kit.store import OutputStore
 
 
 def rows(ids, repeat=0):
-    return pd.DataFrame({"item_id": ids, "repeat": [repeat] * len(ids), "output": [f"o-{i}" for i in ids]})
+    return pd.DataFrame(
+        {"item_id": ids, "repeat": [repeat] * len(ids), "output": [f"o-{i}" for i in ids]}
+    )
 
 
 def test_append_read_and_done_keys(tmp_path):

@@ -12,13 +12,19 @@ from kit.study import load_study
 
 
 def write_study(tmp_path: Path, **overrides) -> Path:
-    (tmp_path / "eval.jsonl").write_text('{"id": "a", "task": "generation", "input": "x", "reference": "y"}\n')
+    (tmp_path / "eval.jsonl").write_text(
+        '{"id": "a", "task": "generation", "input": "x", "reference": "y"}\n'
+    )
     (tmp_path / "t.jinja").write_text("{{ input }}")
     data = {
         "name": "s1",
         "eval_set": {"path": "eval.jsonl"},
         "prompt": {"template": "t.jinja"},
-        "baseline": {"name": "base", "runtime": "transformers", "model": "builtin:smollm2-135m-instruct"},
+        "baseline": {
+            "name": "base",
+            "runtime": "transformers",
+            "model": "builtin:smollm2-135m-instruct",
+        },
     }
     for key, value in overrides.items():
         if value is None:
@@ -41,14 +47,29 @@ def test_minimal_study_gets_defaults_and_resolves_paths(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({"sampling": {"temperature": -1}}, "field 'sampling.temperature': Input should be greater than or equal to 0"),
+        (
+            {"sampling": {"temperature": -1}},
+            "field 'sampling.temperature': Input should be greater than or equal to 0",
+        ),
         ({"sampling": {"temprature": 0.5}}, "field 'sampling.temprature': unknown key (typo?)"),
         ({"repeats": 0}, "field 'repeats'"),
-        ({"baseline": {"name": "b", "runtime": "tensorrt", "model": "m"}}, "unknown runtime 'tensorrt'"),
+        (
+            {"baseline": {"name": "b", "runtime": "tensorrt", "model": "m"}},
+            "unknown runtime 'tensorrt'",
+        ),
         ({"baseline": None}, "field 'baseline': Field required"),
-        ({"candidates": [{"name": "base", "runtime": "transformers", "model": "m"}]}, "model names must be unique"),
-        ({"candidates": [{"name": "c", "runtime": "transformers", "model": "m", "base": "nope"}]},
-         "base 'nope' is not a model of this study"),
+        (
+            {"candidates": [{"name": "base", "runtime": "transformers", "model": "m"}]},
+            "model names must be unique",
+        ),
+        (
+            {
+                "candidates": [
+                    {"name": "c", "runtime": "transformers", "model": "m", "base": "nope"}
+                ]
+            },
+            "base 'nope' is not a model of this study",
+        ),
         ({"eval_set": {"path": "missing.jsonl"}}, "field 'eval_set.path': file not found"),
         ({"budget": "budget.yaml"}, "field 'budget': file not found"),
         ({"name": "has spaces"}, "field 'name'"),
@@ -63,8 +84,12 @@ def test_bad_study_names_the_key(tmp_path, override, expected):
 
 
 def test_recipe_shorthand_and_fingerprint(tmp_path):
-    path = write_study(tmp_path, candidates=[{"name": "q", "runtime": "transformers", "model": "m",
-                                              "recipe": "int8_dynamic"}])
+    path = write_study(
+        tmp_path,
+        candidates=[
+            {"name": "q", "runtime": "transformers", "model": "m", "recipe": "int8_dynamic"}
+        ],
+    )
     study = load_study(path)
     cand = study.model("q")
     assert cand.recipe.name == "int8_dynamic" and cand.recipe.params == {}

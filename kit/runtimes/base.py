@@ -21,8 +21,15 @@ from typing import Any, ClassVar
 from kit.study import ModelSpec, SamplingConfig
 
 #: Failure classes recorded on an item when a request fails.
-ERROR_CLASSES = ("timeout", "http_5xx", "http_4xx", "connection", "truncated_stream",
-                 "invalid_response", "runtime_error")
+ERROR_CLASSES = (
+    "timeout",
+    "http_5xx",
+    "http_4xx",
+    "connection",
+    "truncated_stream",
+    "invalid_response",
+    "runtime_error",
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,12 @@ class Generation:
     batch_size: int = 1
     error: str | None = None
     error_class: str | None = None  # one of ERROR_CLASSES
-    confidence: float | None = None  # confidence the runtime reports itself (predictions files), 0-1
-    extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific figures (e.g. inter-token gaps)
+    confidence: float | None = (
+        None  # confidence the runtime reports itself (predictions files), 0-1
+    )
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # runtime-specific figures (e.g. inter-token gaps)
 
 
 @dataclass
@@ -124,8 +135,13 @@ class Runtime(ABC):
         return None
 
     @abstractmethod
-    def generate(self, requests: Sequence[GenerationRequest], *, sampling: SamplingConfig,
-                 progress: Progress | None = None) -> list[Generation]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        sampling: SamplingConfig,
+        progress: Progress | None = None,
+    ) -> list[Generation]:
         """Generate one answer per request, in request order."""
 
     def expect_ids(self, ids: Sequence[str], *, repeats: int) -> None:
@@ -135,8 +151,9 @@ class Runtime(ABC):
         missing or extra; model runtimes need nothing.
         """
 
-    def score_choices(self, requests: Sequence[ChoiceRequest], *,
-                      progress: Progress | None = None) -> list[ChoiceScores]:
+    def score_choices(
+        self, requests: Sequence[ChoiceRequest], *, progress: Progress | None = None
+    ) -> list[ChoiceScores]:
         """Log-probability of each continuation; runtimes without logprobs raise."""
         raise NotImplementedError(f"runtime {self.name!r} cannot score choices")
 

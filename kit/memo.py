@@ -1,0 +1,520 @@
+"""The HTML decision memo: one self-contained file a reviewer signs off.
+
+:func:`write_memo` renders ``templates/memo.html.j2`` with Jinja2 (``autoescape=True``,
+``StrictUndefined``) into ``runs/NAME/memo.html``: the decision per candidate up front, a
+banner when the budget file changed after freezing (the diff, escaped; verdicts used the
+frozen copy), the rules table with verdicts and CIs, evidence charts, failing examples side
+by side, noise-floor and sample-size caveats, the frozen baseline facts and provenance.
+
+Everything shown comes from the run folder: ``verdict.json`` (:mod:`kit.verdicts`), the
+manifest, the stage tables and the stored outputs. Every model output, input, rule text
+and reason reaches the page through autoescaping; nothing from the data is marked safe.
+
+Charts
+------
+The chart functions of :mod:`kit.charts` draw the stage tables; each chart is rendered to
+SVG by vl-convert (Vega in an embedded JS engine, no browser) and inlined, so the memo
+needs no script, no CDN and no network: it opens offline with its charts visible. The SVG
+is generated markup (vl-convert escapes the data's text), checked by :func:`inline_svg`
+(no script, event handler, foreignObject or external reference) before it is inlined,
+and its element ids are prefixed so that several charts can share the page.
+
+Example
+-------
+>>> write_memo("runs/demo")                                               # doctest: +SKIP
+PosixPath('runs/demo/memo.html')
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kit.errors import CompkitError, DependencyMissing
+from kit.verdicts import VerdictReport, sample_size_caveats
+
+MEMO_FILE = "memo.html"
+TEMPLATE = "memo.html.j2"
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+DECISION_WORDS = {
+    "accepted": "may replace the baseline",
+    "rejected": "may not replace the baseline",
+    "inconclusive": "cannot be decided on this evidence",
+}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def format_number(x: Any, *, unit: str, quantity: str = "value") -> str:
+    """A verdict number for the rules table: ``12.5%``, ``-3.0 points``, ``+4.1%``, ``380 ms``.
+
+    ``quantity`` is a verdict row's: ``value`` (the metric itself), ``change`` (candidate -
+    baseline) or ``relative change`` (change / baseline). Missing values read ``–``.
+    """
+    if not _finite(x):
+        return "–"
+    if quantity == "relative change":
+        return f"{x * 100:+.1f}%"
+    change = quantity == "change"
+    if unit == "share":
+        return f"{x * 100:+.1f} points" if change else f"{x * 100:.1f}%"
+    if unit == "score":
+        return f"{x:+.3f}" if change else f"{x:.3f}"
+    if unit == "USD":
+        return f"{'-' if x < 0 else '+' if change else ''}${abs(x):.2f}"
+    text = f"{x:+.1f}" if change else f"{x:.1f}"
+    return f"{text} {unit}"
+
+
+def format_ci(low: Any, high: Any, *, unit: str, quantity: str) -> str:
+    """``[a, b]`` in :func:`format_number` units, ``–`` when either end is missing."""
+    if not (_finite(low) and _finite(high)):
+        return "–"
+    a = format_number(low, unit=unit, quantity=quantity)
+    b = format_number(high, unit=unit, quantity=quantity)
+    return f"[{a}, {b}]"
+
+
+def _count(x: Any) -> str:
+    return f"{int(x):,}" if _finite(x) else "–"
+
+
+# --------------------------------------------------------------------------- charts
+
+
+_FORBIDDEN_TAGS = {"script", "foreignobject", "iframe", "object", "embed", "image", "use"}
+
+
+def _local(name: str) -> str:
+    return name.rsplit("}", 1)[-1].lower()
+
+
+def _check_svg(svg: str) -> None:
+    try:
+        root = ET.fromstring(svg)
+    except ET.ParseError as exc:
+        raise CompkitError(f"chart SVG does not parse: {exc}") from exc
+    if _local(root.tag) != "svg":
+        raise CompkitError(f"chart output is <{_local(root.tag)}>, not <svg>")
+    for element in root.iter():
+        tag = _local(element.tag)
+        if tag in _FORBIDDEN_TAGS:
+            raise CompkitError(f"chart SVG contains a <{tag}> element")
+        for name, value in element.attrib.items():
+            attr = _local(name)
+            if attr.startswith("on"):
+                raise CompkitError(f"chart SVG has an event handler attribute {attr!r}")
+            if attr == "href" and not value.startswith("#"):
+                raise CompkitError("chart SVG references an external resource")
+            if "url(" in value and not re.fullmatch(r"url\(#[\w.-]+\)", value.strip()):
+                raise CompkitError("chart SVG references an external resource")
+
+
+def inline_svg(svg: str, *, prefix: str) -> Any:
+    """Checked SVG markup, ready to inline (a :class:`markupsafe.Markup`).
+
+    Raises :class:`~kit.errors.CompkitError` when the SVG has a script, an event handler,
+    a ``foreignObject`` or a reference outside itself; element ids (``clip1``) and the
+    ``url(#...)``/``href="#..."`` references to them are prefixed with ``prefix``.
+    """
+    from markupsafe import Markup
+
+    _check_svg(svg)
+    ids = set(re.findall(r'\bid="([^"]+)"', svg))
+    for ident in sorted(ids, key=len, reverse=True):
+        new = f"{prefix}{ident}"
+        svg = svg.replace(f'id="{ident}"', f'id="{new}"')
+        svg = svg.replace(f"url(#{ident})", f"url(#{new})")
+        svg = svg.replace(f'href="#{ident}"', f'href="#{new}"')
+    return Markup(svg)  # generated chart markup, checked above; never data
+
+
+def chart_svg(chart: Any) -> str:
+    """Render an altair chart to SVG with vl-convert (no network: ``allowed_base_urls=[]``)."""
+    try:
+        import altair as alt
+        import vl_convert as vlc
+    except ImportError as exc:
+        raise DependencyMissing(
+            exc.name or "vl-convert-python", "core", "the memo's charts"
+        ) from None
+    version = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    known = vlc.get_vegalite_versions()
+    return vlc.vegalite_to_svg(
+        chart.to_json(),
+        vl_version=version if version in known else None,
+        allowed_base_urls=[],
+    )
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One memo chart: title, caption, and the inline SVG or why there is none."""
+
+    key: str
+    title: str
+    caption: str
+    svg: Any = None
+    note: str = ""
+
+
+def _figure(key: str, title: str, caption: str, make: Callable[[], Any]) -> Figure:
+    try:
+        svg = inline_svg(chart_svg(make()), prefix=f"{key}-")
+    except Exception as exc:  # a chart that cannot be drawn must not sink the memo
+        return Figure(key, title, caption, note=f"chart not drawn: {exc}")
+    return Figure(key, title, caption, svg=svg)
+
+
+def _read(run_dir: Path, name: str) -> pd.DataFrame | None:
+    path = run_dir / "tables" / f"{name}.parquet"
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def _drilldown_metric(run_dir: Path) -> str:
+    import json
+
+    path = run_dir / "tables" / "drilldown.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["parameters"].get("metric", "accuracy")
+    return "accuracy"
+
+
+def evidence_figures(run_dir: str | Path) -> list[Figure]:
+    """The memo's charts from the stage tables that exist (slice deltas, flips, worst slices,
+    noise floor, reliability), each rendered to inline SVG."""
+    from kit.charts import calibration as cal
+    from kit.charts import comparison as cmp
+
+    run_dir = Path(run_dir)
+    metric = _drilldown_metric(run_dir)
+    table, flips = _read(run_dir, "slice_table"), _read(run_dir, "flips")
+    worst, noise = _read(run_dir, "worst_slices"), _read(run_dir, "noise_floor")
+    bins = _read(run_dir, "reliability")
+    figures = []
+    if table is not None and len(table):
+        figures.append(
+            _figure(
+                "overall",
+                f"Overall change in {metric}",
+                "Candidate minus baseline over all items; bars are 95% paired bootstrap CIs.",
+                lambda: cmp.delta_chart(table, metric=metric),
+            )
+        )
+        figures.append(
+            _figure(
+                "slices",
+                f"Change in {metric} per slice",
+                "Red: the whole CI is a drop; green: a gain; grey: the CI includes 0.",
+                lambda: cmp.slice_overview_chart(table, metric=metric),
+            )
+        )
+    if flips is not None and len(flips):
+        figures.append(
+            _figure(
+                "flips",
+                "Flips by direction",
+                "Share of paired items whose outcome changed: right→wrong, wrong→right, "
+                "wrong→other wrong.",
+                lambda: cmp.flip_chart(flips),
+            )
+        )
+    if worst is not None:
+        figures.append(
+            _figure(
+                "worst",
+                "Worst slices",
+                "Slices ranked by the CI bound nearest zero (the drop the data are sure of).",
+                lambda: cmp.worst_slices_chart(worst),
+            )
+        )
+    if table is not None and noise is not None and len(noise):
+        figures.append(
+            _figure(
+                "noise",
+                "Candidates next to the baseline's own noise",
+                "Grey: the baseline's repeats against each other; a candidate inside that "
+                "spread is within run-to-run noise.",
+                lambda: cmp.noise_floor_overlay(table, noise, metric=metric),
+            )
+        )
+    if bins is not None and len(bins):
+        figures.append(
+            _figure(
+                "reliability",
+                "Reliability diagram",
+                "Accuracy against stated confidence per bin; below the diagonal is "
+                "over-confident. Bars: predictions per bin.",
+                lambda: cal.reliability_chart(bins),
+            )
+        )
+    return figures
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _verdict_rows(report: VerdictReport) -> dict[str, list[dict[str, Any]]]:
+    limits = {r.rule_id: r.limit for r in report.rules}
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in report.candidates}
+    for v in report.verdicts:
+        fmt = {"unit": v.unit, "quantity": v.quantity}
+        rows.setdefault(v.candidate, []).append(
+            {
+                "rule_id": v.rule_id,
+                "rule": v.rule,
+                "why": v.why or "",
+                "slice": v.slice,
+                "verdict": v.verdict,
+                "css": v.verdict.replace(" ", "-"),
+                "quantity": v.quantity,
+                "observed": format_number(v.observed, **fmt),
+                "baseline": format_number(v.baseline, unit=v.unit),
+                "limit": limits.get(v.rule_id) or format_number(v.threshold, **fmt),
+                "ci": format_ci(v.ci_low, v.ci_high, **fmt),
+                "n": _count(v.n),
+                "n_needed": _count(v.n_needed),
+                "reason": v.reason,
+            }
+        )
+    return rows
+
+
+def _baseline_facts(manifest: Any) -> list[tuple[str, str]]:
+    m, hw, inputs = manifest.model, manifest.hardware, manifest.inputs
+    sampling = ", ".join(f"{k}={v}" for k, v in inputs.sampling.items())
+    gpu = f", GPU {hw.gpu} ({hw.gpu_memory_gb} GB)" if hw.gpu else ", no GPU"
+    return [
+        ("baseline", manifest.outputs.model),
+        ("model", str(m.get("model"))),
+        ("weights sha256", str(m.get("weights_sha256"))),
+        ("runtime", f"{m.get('runtime')} ({m.get('runtime_version')})"),
+        ("dtype / device", f"{m.get('dtype')} / {m.get('device')}"),
+        ("parameters", _count(m.get("parameters"))),
+        ("prompt template", f"{inputs.template_path} (sha256 {inputs.template_sha256})"),
+        ("sampling", sampling),
+        ("repeats", str(inputs.repeats)),
+        (
+            "eval set",
+            f"{inputs.eval_set_path}: {inputs.eval_set_rows} items "
+            f"(sha256 {inputs.eval_set_sha256})",
+        ),
+        ("hardware", f"{hw.cpu} x{hw.cores}, {hw.memory_gb} GB{gpu}; {hw.platform}"),
+        ("frozen at", manifest.created_at),
+        ("frozen by", f"compkit {manifest.kit.version} @ {manifest.kit.git_sha}"),
+    ]
+
+
+def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
+    from kit.candidates import candidate_summary
+
+    rows = []
+    for r in candidate_summary(run_dir).to_dict("records"):
+        rows.append(
+            {
+                "candidate": r["candidate"],
+                "runtime": _text(r["runtime"]),
+                "recipe": _text(r["recipe"]) or "–",
+                "parameters": _count(r["parameters"]),
+                "size": f"{r['size_mb']:.1f} MB" if _finite(r["size_mb"]) else "–",
+                "accuracy": format_number(r["accuracy"], unit="share"),
+                "errors": _count(r["errors"]),
+            }
+        )
+    return rows
+
+
+def _failing(run_dir: Path, candidates: list[str], k: int) -> dict[str, list[dict[str, Any]]]:
+    from kit.drilldown import failing_examples, load_run_outcomes
+
+    if k <= 0:
+        return {}
+    outcomes = load_run_outcomes(run_dir)
+    out = {}
+    for name in candidates:
+        frame = failing_examples(run_dir, candidate=name, k=k, outcomes=outcomes)
+        out[name] = [{k_: _text(v) for k_, v in row.items()} for row in frame.to_dict("records")]
+    return out
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _noise_rows(run_dir: Path) -> list[dict[str, str]]:
+    noise = _read(run_dir, "noise_floor")
+    if noise is None or noise.empty:
+        return []
+    overall = noise[(noise["slice"] == "overall") & (noise["metric"] == _drilldown_metric(run_dir))]
+    return [
+        {
+            "comparison": f"{r['model']} repeat {r['repeat']} vs repeat 0",
+            "delta": format_number(r["delta"], unit="share", quantity="change"),
+            "ci": format_ci(r["ci_low"], r["ci_high"], unit="share", quantity="change"),
+            "flip_rate": format_number(r.get("flip_rate"), unit="share"),
+            "n": _count(r["n"]),
+        }
+        for r in overall.to_dict("records")
+    ]
+
+
+def _mde_rows(run_dir: Path, report: VerdictReport) -> list[dict[str, str]]:
+    table = _read(run_dir, "slice_table")
+    if table is None or table.empty:
+        return []
+    caveats = sample_size_caveats(report.verdicts_frame(), table, flips=_read(run_dir, "flips"))
+    rows = []
+    for r in caveats.to_dict("records"):
+        detect = f"{r['mde'] * 100:.1f} points" if math.isfinite(r["mde"]) else "no drop at all"
+        rows.append(
+            {
+                "candidate": r["candidate"],
+                "rule": r["rule"],
+                "slice": r["slice"],
+                "n": _count(r["n"]),
+                "tolerance": f"{r['tolerance'] * 100:.1f} points",
+                "mde": detect,
+                "underpowered": bool(r["underpowered"]),
+            }
+        )
+    return rows
+
+
+def _undecided(report: VerdictReport) -> list[dict[str, str]]:
+    return [
+        {
+            "candidate": v.candidate,
+            "rule": v.rule,
+            "verdict": v.verdict,
+            "n": _count(v.n),
+            "n_needed": _count(v.n_needed),
+            "reason": v.reason,
+        }
+        for v in report.verdicts
+        if v.verdict in ("inconclusive", "not measured")
+    ]
+
+
+def memo_context(
+    run_dir: str | Path, *, report: VerdictReport | None = None, examples: int = 5
+) -> dict[str, Any]:
+    """Everything the memo template shows, as plain values (strings, lists, dicts).
+
+    Parameters
+    ----------
+    run_dir
+        A judged run folder (``verdict.json``; see :func:`kit.verdicts.judge_run`).
+    report
+        The verdict; default: read ``verdict.json``.
+    examples
+        Failing examples (baseline right, candidate wrong) per candidate.
+    """
+    from kit.environment import kit_info
+    from kit.freeze import BaselineManifest
+    from kit.store import now_iso
+
+    run_dir = Path(run_dir)
+    report = report if report is not None else VerdictReport.load(run_dir)
+    manifest = BaselineManifest.load(run_dir)
+    decisions = [{**d.model_dump(), "words": DECISION_WORDS[d.decision]} for d in report.decisions]
+    kit = kit_info()
+    return {
+        "title": f"Decision memo · {report.study}",
+        "study": report.study,
+        "run": str(run_dir.resolve()),
+        "baseline": report.baseline,
+        "confidence": f"{report.confidence * 100:g}%",
+        "decisions": decisions,
+        "budget": report.budget.model_dump(),
+        "rules": [r.model_dump() for r in report.rules],
+        "verdicts": _verdict_rows(report),
+        "figures": evidence_figures(run_dir),
+        "examples": _failing(run_dir, list(report.candidates), examples),
+        "examples_k": examples,
+        "candidates": _candidate_facts(run_dir),
+        "baseline_facts": _baseline_facts(manifest),
+        "noise": _noise_rows(run_dir),
+        "repeats": manifest.inputs.repeats,
+        "mde": _mde_rows(run_dir, report),
+        "undecided": _undecided(report),
+        "evidence": [e.model_dump() for e in report.evidence],
+        "hashes": report.hashes,
+        "verdict_created_at": report.created_at,
+        "verdict_kit": report.kit.model_dump() if report.kit else {},
+        "memo_kit": kit.model_dump(),
+        "memo_created_at": now_iso(),
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _environment(templates: Path) -> Any:
+    import jinja2
+
+    if not (templates / TEMPLATE).is_file():
+        raise CompkitError(f"memo template {templates / TEMPLATE} is missing")
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render_memo(context: Mapping[str, Any], *, templates: str | Path = TEMPLATES_DIR) -> str:
+    """The memo's HTML from :func:`memo_context` (autoescaped Jinja2)."""
+    return _environment(Path(templates)).get_template(TEMPLATE).render(**context)
+
+
+def write_memo(
+    run_dir: str | Path,
+    *,
+    report: VerdictReport | None = None,
+    examples: int = 5,
+    templates: str | Path = TEMPLATES_DIR,
+) -> Path:
+    """Render the decision memo of a judged run to ``run_dir/memo.html`` (atomically).
+
+    Parameters
+    ----------
+    run_dir
+        A run folder with ``verdict.json`` (:func:`kit.verdicts.judge_run` writes it; when
+        it is missing the run is judged first).
+    report
+        The verdict to render; default: ``verdict.json``.
+    examples
+        Failing examples per candidate.
+    templates
+        Folder holding ``memo.html.j2``.
+
+    Returns
+    -------
+    Path
+        The memo file.
+    """
+    from kit.store import atomic_write_text
+    from kit.verdicts import VERDICT_FILE, judge_run
+
+    run_dir = Path(run_dir)
+    if report is None and not (run_dir / VERDICT_FILE).is_file():
+        judge_run(run_dir)
+    context = memo_context(run_dir, report=report, examples=examples)
+    path = run_dir / MEMO_FILE
+    atomic_write_text(path, render_memo(context, templates=templates))
+    return path

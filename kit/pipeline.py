@@ -1,0 +1,585 @@
+"""The whole product in one command: every stage notebook, in order, with papermill.
+
+:func:`run_pipeline` executes the stage notebooks of :data:`STAGES` on a study and a run
+folder (``compkit run STUDY --out runs/NAME``):
+
+=====  ===============  ================================  =====================================
+  #    stage            notebook                          does
+=====  ===============  ================================  =====================================
+  1    ``freeze``       ``01_freeze_baseline.ipynb``      freeze the baseline (verify if frozen)
+  2    ``candidates``   ``02_run_candidates.ipynb``       run the candidates on the frozen inputs
+  3    ``drilldown``    ``03_slice_drilldown.ipynb``      deltas, slices, flips, noise floor
+  4    ``calibration``  ``04_calibration.ipynb``          confidence and calibration
+  7    ``memo``         ``07_acceptance_memo.ipynb``      verdicts, ``verdict.json``, ``memo.html``
+=====  ===============  ================================  =====================================
+
+Each notebook runs with absolute paths as parameters, ``cwd`` = ``notebooks/`` and the
+``python3`` kernel; the executed notebook and its HTML export are stored as
+``runs/NAME/notebooks/<notebook>.ipynb`` / ``.html`` (also when a cell fails, for
+inspection), and every stage's outcome is recorded in ``runs/NAME/pipeline.json``
+(:class:`PipelineRecord`: stage, started/finished, the source notebook's sha256, the
+parameters, the error).
+
+Resume
+------
+A rerun skips a stage that is *up to date*: it finished, its source notebook and its
+parameters are unchanged, and every earlier stage finished before it started. A stage
+reruns when ``force``, when it is named in ``stages`` (those run, always), or when an
+earlier stage reran in the same invocation. A skipped freeze stage is still verified
+(:func:`kit.freeze.ensure_frozen`: same study, no frozen input changed).
+
+Failure
+-------
+A failing cell stops the pipeline with :class:`StageFailed` (a
+:class:`~kit.errors.CompkitError`) naming the stage, the cell (its index in the executed
+notebook and the first line of its source) and the exception; later stages do not run.
+
+Until the freeze has created the run folder nothing may be written into it (a freeze
+refuses a non-empty folder), so stage 1 of a new run executes into a sibling staging
+folder ``.NAME.pipeline/`` whose files move into ``runs/NAME/notebooks/`` afterwards.
+
+Example
+-------
+>>> result = run_pipeline("data/demo/study.yaml", "runs/demo")          # doctest: +SKIP
+>>> result.ran, result.skipped                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel
+
+from kit.environment import KitInfo
+from kit.errors import CompkitError
+
+PIPELINE_FILE = "pipeline.json"
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+KERNEL = "python3"
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage's parameters are built from (absolute paths)."""
+
+    study: Path
+    run: Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage notebook of the pipeline and how to parameterise it."""
+
+    name: str
+    notebook: str
+    description: str
+    parameters: Callable[[StageInputs], dict[str, Any]]
+    needs_candidates: bool = False
+
+    @property
+    def number(self) -> str:
+        return self.notebook[:2]
+
+
+def _run_only(inputs: StageInputs) -> dict[str, Any]:
+    return {"run": str(inputs.run)}
+
+
+def _quiet_run(inputs: StageInputs) -> dict[str, Any]:
+    return {"run": str(inputs.run), "progress": False}
+
+
+#: The stages in execution order. Notebooks get ``progress=False``: tqdm bars inside an
+#: executed notebook are noise, and a parameter that changes with ``--quiet`` would defeat
+#: resume.
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "freeze",
+        "01_freeze_baseline.ipynb",
+        "run the baseline and freeze it (verifies the run folder when it is frozen already)",
+        lambda i: {"study": str(i.study), "out": str(i.run), "progress": False},
+    ),
+    Stage(
+        "candidates",
+        "02_run_candidates.ipynb",
+        "run every candidate of the study on the frozen inputs",
+        _quiet_run,
+    ),
+    Stage(
+        "drilldown",
+        "03_slice_drilldown.ipynb",
+        "overall and per-slice deltas, flips, noise floor, worst slices, failing examples",
+        _run_only,
+        needs_candidates=True,
+    ),
+    Stage(
+        "calibration",
+        "04_calibration.ipynb",
+        "confidence, calibration, selective prediction and abstention",
+        _run_only,
+        needs_candidates=True,
+    ),
+    Stage(
+        "memo",
+        "07_acceptance_memo.ipynb",
+        "judge the frozen budget; write verdict.json and the HTML decision memo",
+        _run_only,
+        needs_candidates=True,
+    ),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    """The registered stage called ``name``; an unknown name lists the valid ones."""
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise CompkitError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+# --------------------------------------------------------------------------- record
+
+
+class StageRecord(BaseModel):
+    """One stage's last execution."""
+
+    stage: str
+    notebook: str
+    status: Literal["running", "finished", "failed"]
+    started_at: str
+    finished_at: str | None = None
+    wall_s: float | None = None
+    notebook_sha256: str
+    parameters: dict[str, Any]
+    executed_notebook: str | None = None
+    html: str | None = None
+    error: str | None = None
+
+
+class PipelineRecord(BaseModel):
+    """The typed contents of ``pipeline.json``."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: str = "compkit.pipeline"
+    study: str
+    run: str
+    stages: dict[str, StageRecord] = {}
+    kit: KitInfo | None = None
+    updated_at: str = ""
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> PipelineRecord | None:
+        """``run_dir/pipeline.json``, or None when the run was never piped."""
+        path = Path(run_dir) / PIPELINE_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CompkitError(f"{path}: unreadable pipeline record: {exc}") from exc
+
+    def frame(self) -> pd.DataFrame:
+        """One row per recorded stage, in pipeline order, with ``up_to_date``."""
+        rows = []
+        for s in STAGES:
+            rec = self.stages.get(s.name)
+            if rec is not None:
+                rows.append(
+                    {
+                        **rec.model_dump(exclude={"parameters"}),
+                        "up_to_date": _fresh(self, s.name),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fresh(record: PipelineRecord, name: str) -> bool:
+    """Finished, and no earlier stage finished after it started."""
+    rec = record.stages.get(name)
+    if rec is None or rec.status != "finished":
+        return False
+    for s in STAGES[: STAGE_NAMES.index(name)]:
+        before = record.stages.get(s.name)
+        if before is None:
+            continue
+        if before.status != "finished" or (before.finished_at or "") > rec.started_at:
+            return False
+    return True
+
+
+def _up_to_date(record: PipelineRecord, s: Stage, params: dict[str, Any], sha: str) -> bool:
+    rec = record.stages.get(s.name)
+    return (
+        rec is not None
+        and _fresh(record, s.name)
+        and rec.notebook_sha256 == sha
+        and rec.parameters == params
+    )
+
+
+def unfinished_reason(run_dir: str | Path) -> str | None:
+    """Why a piped run's verdict cannot be trusted yet, or None.
+
+    None when the run has no ``pipeline.json`` (judged outside the pipeline) or its memo
+    stage finished after every earlier stage; otherwise the failed, running or stale stage.
+    """
+    record = PipelineRecord.load(run_dir)
+    if record is None:
+        return None
+    for s in STAGES:
+        rec = record.stages.get(s.name)
+        if rec is not None and rec.status != "finished":
+            return f"stage {s.name!r} {rec.status}" + (f": {rec.error}" if rec.error else "")
+    if "memo" not in record.stages:
+        return "the memo stage has not run"
+    if not _fresh(record, "memo"):
+        return "an earlier stage reran after the verdict was written; rerun `compkit run`"
+    return None
+
+
+# --------------------------------------------------------------------------- failure
+
+
+class StageFailed(CompkitError):
+    """A stage notebook raised: names the stage, the cell and the exception.
+
+    ``cell_index`` is the cell's 0-based index in the stage's source notebook
+    (``notebooks/NN_name.ipynb``), ``exec_count`` its ``In [n]`` in the executed copy.
+
+    Exit code 1 when the cause is a changed frozen input (as ``compkit check``), else 2.
+    """
+
+    def __init__(
+        self,
+        stage_name: str,
+        notebook: str,
+        *,
+        cell_index: int | None,
+        cell_source: str,
+        ename: str,
+        evalue: str,
+        executed: Path | None,
+        exec_count: int | None = None,
+    ):
+        self.stage = stage_name
+        self.notebook = notebook
+        self.cell_index = cell_index
+        self.cell_source = cell_source
+        self.exec_count = exec_count
+        self.ename = ename
+        self.evalue = evalue
+        self.executed = executed
+        first = next((ln.strip() for ln in cell_source.splitlines() if ln.strip()), "")
+        run_as = f"In [{exec_count}]: " if exec_count is not None else ""
+        where = (
+            f"cell {cell_index} ({run_as}`{first}`)"
+            if cell_index is not None
+            else "before any cell"
+        )
+        saved = (
+            f"\nthe partially executed notebook is saved at {executed} "
+            f"(and {executed.with_suffix('.html')})"
+            if executed is not None and executed.exists()
+            else ""
+        )
+        super().__init__(
+            f"stage {stage_name!r} ({notebook}) failed in {where}: {ename}: {evalue}{saved}"
+        )
+        if ename == "FrozenInputsChanged":
+            self.exit_code = 1
+
+    @property
+    def summary(self) -> str:
+        return f"{self.ename}: {self.evalue}"
+
+
+# --------------------------------------------------------------------------- execution
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` did: stages run and skipped, and the record."""
+
+    run_dir: Path
+    record: PipelineRecord
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def memo(self) -> Path:
+        return self.run_dir / "memo.html"
+
+
+def _is_run_folder(out: Path) -> bool:
+    return (out / "manifest.json").exists() or (out / "pending.json").exists()
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.pipeline"
+
+
+def _save(record: PipelineRecord, out: Path) -> None:
+    from kit.store import atomic_write_text
+
+    if _is_run_folder(out):
+        record.updated_at = _now()
+        atomic_write_text(out / PIPELINE_FILE, record.model_dump_json(indent=2) + "\n")
+
+
+def _export_html(notebook: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from kit.store import atomic_write_text
+
+    body, _ = HTMLExporter(exclude_input=False).from_notebook_node(
+        nbformat.read(notebook, as_version=4)
+    )
+    html = notebook.with_suffix(".html")
+    atomic_write_text(html, body)
+    return html
+
+
+def _relocate(files: list[Path], out: Path) -> list[Path]:
+    """Move staged files into ``out/notebooks`` once ``out`` is a run folder."""
+    if not _is_run_folder(out):
+        return files
+    target = out / "notebooks"
+    target.mkdir(exist_ok=True)
+    moved = []
+    for f in files:
+        if f.exists() and f.parent != target:
+            dest = target / f.name
+            shutil.move(str(f), dest)
+            moved.append(dest)
+        else:
+            moved.append(f)
+    staging = _staging(out)
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    return moved
+
+
+def _execute(s: Stage, params: dict[str, Any], out: Path, *, progress: bool) -> tuple[Path, Any]:
+    """Run one notebook; returns (executed notebook path, error or None)."""
+    import papermill as pm
+
+    folder = out / "notebooks" if _is_run_folder(out) else _staging(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    executed = folder / s.notebook
+    error: Any = None
+    try:
+        pm.execute_notebook(
+            str(NOTEBOOKS_DIR / s.notebook),
+            str(executed),
+            parameters=params,
+            cwd=str(NOTEBOOKS_DIR),
+            kernel_name=KERNEL,
+            progress_bar=progress,
+        )
+    except Exception as exc:  # PapermillExecutionError and kernel/engine failures alike
+        error = exc
+    return executed, error
+
+
+def _failure(s: Stage, error: Exception, executed: Path | None) -> StageFailed:
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        return StageFailed(
+            s.name,
+            s.notebook,
+            cell_index=_source_index(s, error.source or "", error.cell_index),
+            cell_source=error.source or "",
+            ename=error.ename,
+            evalue=error.evalue,
+            executed=executed,
+            exec_count=error.exec_count,
+        )
+    return StageFailed(
+        s.name,
+        s.notebook,
+        cell_index=None,
+        cell_source="",
+        ename=type(error).__name__,
+        evalue=str(error),
+        executed=executed,
+    )
+
+
+def _source_index(s: Stage, source: str, executed_index: int) -> int:
+    """The failing cell's index in the source notebook (papermill counts its injected
+    parameters cell)."""
+    import nbformat
+
+    cells = nbformat.read(NOTEBOOKS_DIR / s.notebook, as_version=4).cells
+    matches = [i for i, c in enumerate(cells) if c.source == source]
+    if not matches:
+        return executed_index
+    return min(matches, key=lambda i: abs(i - executed_index))
+
+
+def _selected(stages: Sequence[str] | None) -> list[str]:
+    if stages is None:
+        return list(STAGE_NAMES)
+    wanted = {stage(n).name for n in stages}
+    return [n for n in STAGE_NAMES if n in wanted]
+
+
+def _check_candidates(out: Path, s: Stage) -> None:
+    from kit.verdicts import judged_candidates
+
+    if s.needs_candidates and _is_run_folder(out) and not judged_candidates(out):
+        raise CompkitError(
+            f"stage {s.name!r}: {out} has no candidate outputs; the study lists no "
+            "candidates (or stage 'candidates' did not run): stages 3-7 compare candidates "
+            "with the baseline"
+        )
+
+
+def run_pipeline(
+    study: str | Path,
+    out: str | Path,
+    *,
+    stages: Sequence[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    parameters: Mapping[str, Mapping[str, Any]] | None = None,
+) -> PipelineResult:
+    """Execute the stage notebooks in order with papermill, resuming finished stages.
+
+    Parameters
+    ----------
+    study
+        The study YAML.
+    out
+        The run folder (created by the freeze stage; verified when frozen already).
+    stages
+        Run only these stages (names of :data:`STAGES`), always executing them; default
+        every stage, skipping those up to date (module docstring: Resume).
+    force
+        Execute every selected stage even when up to date.
+    progress
+        Print one line per stage and papermill's progress bar.
+    parameters
+        Extra notebook parameters per stage name, e.g. ``{"drilldown": {"n_resamples": 200}}``.
+
+    Returns
+    -------
+    PipelineResult
+        Stages run and skipped, and the :class:`PipelineRecord` written to
+        ``out/pipeline.json``.
+
+    Raises
+    ------
+    StageFailed
+        A cell raised; the message names the stage, the cell and the exception.
+    CompkitError
+        Missing study, unknown stage, a run folder made from another study.
+    """
+    from kit.environment import kit_info
+
+    study, out = Path(study).resolve(), Path(out).resolve()
+    if not study.is_file():
+        raise CompkitError(f"study file {study} does not exist")
+    extra = dict(parameters or {})
+    for name in extra:
+        stage(name)
+    selected = _selected(stages)
+    record = PipelineRecord.load(out) or PipelineRecord(study=str(study), run=str(out))
+    if record.study != str(study):
+        raise CompkitError(f"{out} was piped from study {record.study}, not {study}")
+    record.kit = kit_info()
+    result = PipelineResult(out, record)
+    say = print if progress else (lambda *a, **k: None)
+    reran = False
+    for number, s in enumerate(STAGES, start=1):
+        if s.name not in selected:
+            continue
+        params = {**s.parameters(StageInputs(study, out)), **extra.get(s.name, {})}
+        sha = _sha256(NOTEBOOKS_DIR / s.notebook)
+        if not (force or reran or stages is not None) and _up_to_date(record, s, params, sha):
+            if s.name == "freeze":
+                from kit.freeze import ensure_frozen
+
+                ensure_frozen(study, out, progress=False)  # verifies; never re-freezes
+            say(f"[{number}/{len(STAGES)}] {s.name}: up to date (finished {_finished(record, s)})")
+            result.skipped.append(s.name)
+            continue
+        _check_candidates(out, s)
+        say(f"[{number}/{len(STAGES)}] {s.name}: running {s.notebook}")
+        _run_stage(s, params, sha, out, record, progress=progress)
+        result.ran.append(s.name)
+        reran = True
+    return result
+
+
+def _finished(record: PipelineRecord, s: Stage) -> str:
+    rec = record.stages[s.name]
+    return rec.finished_at or "?"
+
+
+def _run_stage(
+    s: Stage,
+    params: dict[str, Any],
+    sha: str,
+    out: Path,
+    record: PipelineRecord,
+    *,
+    progress: bool,
+) -> None:
+    started, t0 = _now(), time.perf_counter()
+    rec = StageRecord(
+        stage=s.name,
+        notebook=s.notebook,
+        status="running",
+        started_at=started,
+        notebook_sha256=sha,
+        parameters=params,
+    )
+    record.stages[s.name] = rec
+    _save(record, out)
+    executed, error = _execute(s, params, out, progress=progress)
+    files = [executed]
+    if executed.exists():
+        try:
+            files.append(_export_html(executed))
+        except Exception as exc:  # the export must not hide the stage's own outcome
+            if error is None:
+                error = exc
+    executed, *_ = _relocate(files, out)
+    rec.finished_at = _now()
+    rec.wall_s = round(time.perf_counter() - t0, 3)
+    if executed.exists():
+        base = out if executed.is_relative_to(out) else executed.parent
+        rec.executed_notebook = str(executed.relative_to(base))
+        rec.html = str(executed.with_suffix(".html").relative_to(base))
+    if error is None:
+        rec.status = "finished"
+        _save(record, out)
+        return
+    failure = _failure(s, error, executed if executed.exists() else None)
+    rec.status, rec.error = "failed", failure.summary
+    _save(record, out)
+    raise failure from error

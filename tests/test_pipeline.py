@@ -1,0 +1,414 @@
+"""The whole pipeline through papermill on a tiny study, resume, a failing stage, and the gate.
+
+The tiny study is real (stages 1-4 and 7 run as notebooks) but uses the predictions runtime,
+so no model loads: the baseline answers 7 of 8 items right; candidate ``same`` answers
+exactly like it (accepted), ``worse`` breaks c1, m1 and g1 (rejected: accuracy drops by
+more than 5 points), ``fixer`` fixes c4 (inconclusive: its flip rate's CI straddles 40%).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kit.cli import main
+from kit.errors import CompkitError
+
+ROOT = Path(__file__).resolve().parent.parent
+ITEMS = [
+    {"id": "c1", "task": "classification", "input": "where is my parcel", "label": "order_status"},
+    {"id": "c2", "task": "classification", "input": "has it shipped yet", "label": "order_status"},
+    {"id": "c3", "task": "classification", "input": "my refund never came", "label": "refund"},
+    {"id": "c4", "task": "classification", "input": "someone stole my card", "label": "fraud"},
+    {
+        "id": "m1",
+        "task": "multiple_choice",
+        "input": "Return window?",
+        "choices": ["7 days", "thirty days"],
+        "answer": 1,
+    },
+    {
+        "id": "m2",
+        "task": "multiple_choice",
+        "input": "Capital of France?",
+        "choices": ["Paris", "Lyon"],
+        "answer": 0,
+    },
+    {
+        "id": "g1",
+        "task": "generation",
+        "input": "Apologise for the delay.",
+        "reference": "Sorry for the delay.",
+    },
+    {"id": "g2", "task": "generation", "input": "Say thanks.", "reference": "Thank you!"},
+]
+for i, item in enumerate(ITEMS):
+    item["channel"] = "email" if i % 2 == 0 else "chat"
+BASE = {
+    "c1": "order_status",
+    "c2": "order_status",
+    "c3": "refund",
+    "c4": "refund",
+    "m1": "B",
+    "m2": "A",
+    "g1": "Sorry for the delay.",
+    "g2": "Thank you!",
+}
+# classification options are the sorted labels: fraud, order_status, refund
+PROBS = {
+    "c1": [0.1, 0.8, 0.1],
+    "c2": [0.1, 0.8, 0.1],
+    "c3": [0.1, 0.1, 0.8],
+    "c4": [0.3, 0.1, 0.6],
+    "m1": [0.3, 0.7],
+    "m2": [0.9, 0.1],
+}
+CANDIDATES = {
+    "same": ({}, {}),
+    "worse": (
+        {"c1": "refund", "m1": "A", "g1": "No."},
+        {"c1": [0.1, 0.2, 0.7], "m1": [0.7, 0.3]},
+    ),
+    "fixer": ({"c4": "fraud"}, {"c4": [0.7, 0.1, 0.2]}),
+}
+BUDGET = {
+    "rules": [
+        {
+            "rule": "accuracy cannot drop by more than 5 points",
+            "why": "wrong intents misroute tickets",
+        },
+        {"rule": "flip rate below 40 percent", "why": "answers should stay as they were"},
+        {"rule": "ECE must not increase by more than 0.5"},
+    ]
+}
+EXPECTED = {"same": "accepted", "worse": "rejected", "fixer": "inconclusive"}
+FAST = {"drilldown": {"n_resamples": 200, "min_n": 1}, "calibration": {"n_resamples": 200}}
+
+
+def _predictions(path: Path, outputs: dict, probs: dict) -> None:
+    rows = [
+        {"id": i, "output": text, "repeat": 0, **({"choice_probs": probs[i]} if i in probs else {})}
+        for i, text in outputs.items()
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_study(
+    folder: Path,
+    *,
+    items: list[dict] = ITEMS,
+    candidates: dict = CANDIDATES,
+    budget: dict = BUDGET,
+    drop: dict[str, str] | None = None,
+) -> Path:
+    """Write the tiny study (eval set, template, predictions, budget); returns study.yaml.
+
+    ``drop`` maps a candidate to an item id left out of its predictions file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    (folder / "prompt.jinja").write_text(
+        "{% if labels %}Intents: {{ labels | join(', ') }}. {% endif %}{{ input }}"
+    )
+    _predictions(folder / "base.jsonl", BASE, PROBS)
+    for name, (changes, probs) in candidates.items():
+        outputs = {**BASE, **changes}
+        if drop and name in drop:
+            outputs.pop(drop[name])
+        _predictions(folder / f"{name}.jsonl", outputs, {**PROBS, **probs})
+    (folder / "budget.yaml").write_text(yaml.safe_dump(budget, sort_keys=False))
+    study = {
+        "name": "tiny",
+        "eval_set": {"path": "eval.jsonl", "rare_label_threshold": 0.2},
+        "prompt": {"template": "prompt.jinja", "chat": False, "choice_labels": "text"},
+        "sampling": {"temperature": 0.0, "max_new_tokens": 8, "seed": 3},
+        "repeats": 1,
+        "baseline": {"name": "base", "runtime": "predictions", "model": "base.jsonl"},
+        "candidates": [
+            {"name": n, "runtime": "predictions", "model": f"{n}.jsonl"} for n in candidates
+        ],
+        "budget": "budget.yaml",
+    }
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def build_judged_run(root: Path, **study_kwargs) -> Path:
+    """Stages 1-4 and the verdict in process (no papermill); returns the run folder."""
+    from kit.calibration import write_calibration_tables
+    from kit.candidates import run_candidates
+    from kit.drilldown import write_drilldown_tables
+    from kit.freeze import freeze_baseline
+    from kit.verdicts import judge_run
+
+    study = write_study(root / "study", **study_kwargs)
+    out = root / "runs" / "tiny"
+    freeze_baseline(study, out, progress=False)
+    run_candidates(out, progress=False)
+    write_drilldown_tables(out, n_resamples=200, min_n=1)
+    write_calibration_tables(out, n_resamples=200)
+    judge_run(out)
+    return out
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
+    import nbformat
+    import papermill as pm
+
+    from kit.pipeline import NOTEBOOKS_DIR, STAGES, StageInputs
+
+    assert [s.name for s in STAGES] == ["freeze", "candidates", "drilldown", "calibration", "memo"]
+    inputs = StageInputs(study=Path("/s/study.yaml"), run=Path("/r/run"))
+    for s in STAGES:
+        path = NOTEBOOKS_DIR / s.notebook
+        declared = pm.inspect_notebook(str(path))
+        assert set(s.parameters(inputs)) <= set(declared), s.name
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata.kernelspec.name == "python3"
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1
+    memo = pm.inspect_notebook(str(NOTEBOOKS_DIR / "07_acceptance_memo.ipynb"))
+    assert memo["run"]["inferred_type_name"] == "str"
+    assert memo["run"]["default"] == '"../runs/demo"'
+    nb = nbformat.read(NOTEBOOKS_DIR / "07_acceptance_memo.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_unknown_stage_lists_the_valid_ones(tmp_path):
+    from kit.pipeline import run_pipeline
+
+    study = write_study(tmp_path / "study")
+    with pytest.raises(CompkitError, match="stages: freeze, candidates, drilldown"):
+        run_pipeline(study, tmp_path / "runs" / "x", stages=["slices"], progress=False)
+
+
+def test_stages_after_candidates_refuse_a_run_without_candidates(tmp_path):
+    from kit.freeze import freeze_baseline
+    from kit.pipeline import run_pipeline
+
+    study = write_study(tmp_path / "study", candidates={})
+    out = tmp_path / "runs" / "alone"
+    freeze_baseline(study, out, progress=False)
+    with pytest.raises(CompkitError, match=r"stage 'drilldown': .* has no candidate outputs"):
+        run_pipeline(study, out, stages=["drilldown"], progress=False)
+    assert not (out / "notebooks").exists()  # refused before papermill started
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def piped(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """``compkit run`` on the tiny study; returns (study, run folder, pipeline.json)."""
+    root = tmp_path_factory.mktemp("pipe")
+    study = write_study(root / "study")
+    out = root / "runs" / "tiny"
+    assert main(["run", str(study), "--out", str(out), "--quiet"]) == 0
+    return study, out, json.loads((out / "pipeline.json").read_text())
+
+
+NOTEBOOKS = [
+    "01_freeze_baseline",
+    "02_run_candidates",
+    "03_slice_drilldown",
+    "04_calibration",
+    "07_acceptance_memo",
+]
+
+
+@pytest.mark.notebooks
+def test_pipeline_writes_every_artifact(piped):
+    _, out, record = piped
+    for name in NOTEBOOKS:
+        executed = out / "notebooks" / f"{name}.ipynb"
+        assert executed.is_file() and (out / "notebooks" / f"{name}.html").is_file()
+        cells = json.loads(executed.read_text())["cells"]
+        assert any("injected-parameters" in c["metadata"].get("tags", []) for c in cells)
+    assert not (out.parent / ".tiny.pipeline").exists()  # stage 1's staging folder is gone
+    assert "<svg" in (out / "memo.html").read_text()
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert {d["candidate"]: d["decision"] for d in verdict["decisions"]} == EXPECTED
+    assert (out / "tables" / "verdicts.parquet").is_file()
+    stages = record["stages"]
+    assert list(stages) == ["freeze", "candidates", "drilldown", "calibration", "memo"]
+    for rec in stages.values():
+        assert rec["status"] == "finished" and len(rec["notebook_sha256"]) == 64
+        assert rec["started_at"] <= rec["finished_at"]
+        assert rec["executed_notebook"].startswith("notebooks/")
+    assert stages["freeze"]["parameters"]["out"] == str(out.resolve())
+    assert stages["memo"]["parameters"] == {"run": str(out.resolve())}
+
+
+@pytest.mark.notebooks
+def test_rerun_resumes_and_executes_no_stage(piped, capsys):
+    study, out, record = piped
+    assert main(["run", str(study), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "stages run: none" in printed and "memo:" in printed
+    after = json.loads((out / "pipeline.json").read_text())["stages"]
+    for name, rec in record["stages"].items():
+        assert after[name]["started_at"] == rec["started_at"]
+        assert after[name]["finished_at"] == rec["finished_at"]
+
+
+@pytest.mark.notebooks
+def test_gate_exit_codes_on_the_piped_run(piped, capsys):
+    _, out, _ = piped
+    assert main(["gate", str(out), "--candidate", "same"]) == 0
+    assert main(["gate", str(out), "--candidate", "worse"]) == 1
+    assert main(["gate", str(out), "--candidate", "fixer"]) == 3
+    assert main(["gate", str(out)]) == 1  # one rejected: the whole gate fails
+    capsys.readouterr()
+    assert main(["gate", str(out), "--candidate", "fixer", "--json"]) == 3
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["candidate"] for r in rows} == {"fixer"}
+    assert {r["verdict"] for r in rows} == {"pass", "inconclusive"}
+    assert {"rule", "observed", "ci_low", "ci_high", "n_needed", "reason"} <= set(rows[0])
+
+
+@pytest.mark.notebooks
+def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
+    from kit.pipeline import run_pipeline
+
+    study, out, _ = piped
+    result = run_pipeline(study, out, stages=["calibration"], progress=False)
+    assert result.ran == ["calibration"]
+    assert main(["gate", str(out)]) == 2  # the verdict predates the new calibration tables
+    assert "rerun `compkit run`" in capsys.readouterr().err
+    result = run_pipeline(study, out, progress=False)
+    assert result.ran == ["memo"]
+    assert result.skipped == ["freeze", "candidates", "drilldown", "calibration"]
+    assert main(["gate", str(out), "--candidate", "same"]) == 0
+
+
+@pytest.mark.notebooks
+def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_path, capsys):
+    from kit.pipeline import StageFailed, run_pipeline
+
+    study = write_study(tmp_path / "study", drop={"worse": "g2"})
+    out = tmp_path / "runs" / "broken"
+    with pytest.raises(StageFailed) as info:
+        run_pipeline(study, out, progress=False)
+    err = info.value
+    message = str(err)
+    assert err.stage == "candidates"
+    assert "stage 'candidates' (02_run_candidates.ipynb) failed in cell" in message
+    assert "`from kit.candidates import run_candidates`" in message
+    assert "ValidationError" in message and "'g2'" in message
+    executed = out / "notebooks" / "02_run_candidates.ipynb"
+    assert executed.is_file() and executed.with_suffix(".html").is_file()
+    assert str(executed) in message
+    source = json.loads((ROOT / "notebooks" / "02_run_candidates.ipynb").read_text())["cells"]
+    assert "".join(source[err.cell_index]["source"]).startswith("from kit.candidates import")
+    assert f"failed in cell {err.cell_index} (In [{err.exec_count}]: " in message
+    saved = json.loads(executed.read_text())["cells"]
+    failed = [c for c in saved if c["cell_type"] == "code" and c.get("outputs")]
+    assert any(o.get("output_type") == "error" for c in failed for o in c["outputs"])
+    record = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert record["freeze"]["status"] == "finished"
+    assert record["candidates"]["status"] == "failed"
+    assert "ValidationError" in record["candidates"]["error"]
+    assert "drilldown" not in record  # later stages did not run
+    capsys.readouterr()
+    assert main(["gate", str(out)]) == 2
+    assert "stage 'candidates' failed" in capsys.readouterr().err
+    assert main(["run", str(study), "--out", str(out), "--quiet"]) == 2
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def _crafted(folder: Path, decisions: dict[str, str]) -> Path:
+    """A run folder holding only a crafted verdict.json with these decisions."""
+    from kit.verdicts import VERDICT_FILE, BudgetBanner, DecisionRow, VerdictReport, VerdictRow
+
+    verdict = {"accepted": "pass", "rejected": "fail", "inconclusive": "inconclusive"}
+    report = VerdictReport(
+        run=str(folder),
+        study="crafted",
+        baseline="base",
+        candidates=list(decisions),
+        created_at="2026-01-01T00:00:00+00:00",
+        decisions=[
+            DecisionRow(
+                candidate=name,
+                decision=d,
+                n_rules=1,
+                n_pass=int(d == "accepted"),
+                n_fail=int(d == "rejected"),
+                n_inconclusive=int(d == "inconclusive"),
+                n_not_measured=0,
+                reason=d,
+            )
+            for name, d in decisions.items()
+        ],
+        verdicts=[
+            VerdictRow(
+                candidate=name,
+                rule="flip rate below 5 percent",
+                metric="flip_rate",
+                slice="overall",
+                observed=0.01,
+                verdict=verdict[d],
+                reason="crafted",
+            )
+            for name, d in decisions.items()
+        ],
+        budget=BudgetBanner(
+            frozen_path=None,
+            current_path=None,
+            frozen_sha256=None,
+            current_sha256=None,
+            changed=False,
+        ),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VERDICT_FILE).write_text(report.model_dump_json())
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("decisions", "candidate", "code"),
+    [
+        ({"a": "accepted", "b": "accepted"}, None, 0),
+        ({"a": "accepted", "b": "rejected"}, None, 1),
+        ({"a": "accepted", "b": "inconclusive"}, None, 3),
+        ({"a": "rejected", "b": "inconclusive"}, None, 1),
+        ({"a": "accepted", "b": "rejected"}, "a", 0),
+        ({"a": "accepted", "b": "rejected"}, "b", 1),
+        ({"a": "accepted", "b": "inconclusive"}, "b", 3),
+        ({"a": "accepted"}, "zzz", 2),
+    ],
+)
+def test_gate_exit_codes_on_crafted_verdicts(tmp_path, decisions, candidate, code):
+    run = _crafted(tmp_path / "run", decisions)
+    argv = ["gate", str(run)] + (["--candidate", candidate] if candidate else [])
+    assert main(argv) == code
+
+
+def test_gate_on_a_missing_or_unjudged_run_exits_2(tmp_path, capsys):
+    assert main(["gate", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["gate", str(tmp_path / "empty")]) == 2
+    assert "no verdict.json" in capsys.readouterr().err
+
+
+def test_gate_json_prints_the_verdict_frame(tmp_path, capsys):
+    run = _crafted(tmp_path / "run", {"a": "accepted", "b": "inconclusive"})
+    assert main(["gate", str(run), "--json"]) == 3
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["candidate"] for r in rows] == ["a", "b"]
+    assert rows[0]["verdict"] == "pass" and rows[0]["baseline"] is None
+    frame = pd.DataFrame(rows)
+    from kit.budget import VERDICT_COLUMNS
+
+    assert list(frame.columns) == VERDICT_COLUMNS
