@@ -101,6 +101,20 @@ def _quiet_run(inputs: StageInputs) -> dict[str, Any]:
     return {"run": str(inputs.run), "progress": False}
 
 
+def _calibration(inputs: StageInputs) -> dict[str, Any]:
+    """The study's ``calibration:`` settings become the notebook's parameters."""
+    from kit.study import load_study
+
+    cfg = load_study(inputs.study).calibration
+    return {
+        "run": str(inputs.run),
+        "confidence": cfg.confidence,
+        "n_bins": cfg.n_bins,
+        "coverage": cfg.coverage,
+        "target_accuracy": cfg.target_accuracy,
+    }
+
+
 #: The stages in execution order. Notebooks get ``progress=False``: tqdm bars inside an
 #: executed notebook are noise, and a parameter that changes with ``--quiet`` would defeat
 #: resume.
@@ -128,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
         "calibration",
         "04_calibration.ipynb",
         "confidence, calibration, selective prediction and abstention",
-        _run_only,
+        _calibration,
         needs_candidates=True,
     ),
     Stage(

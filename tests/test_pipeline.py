@@ -166,7 +166,8 @@ def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
     from kit.pipeline import NOTEBOOKS_DIR, STAGES, StageInputs
 
     assert [s.name for s in STAGES] == ["freeze", "candidates", "drilldown", "calibration", "memo"]
-    inputs = StageInputs(study=Path("/s/study.yaml"), run=Path("/r/run"))
+    demo = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.yaml"
+    inputs = StageInputs(study=demo, run=Path("/r/run"))  # calibration reads the study's settings
     for s in STAGES:
         path = NOTEBOOKS_DIR / s.notebook
         declared = pm.inspect_notebook(str(path))
