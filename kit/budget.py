@@ -1318,6 +1318,17 @@ def _measure(rule: Rule, row: Mapping[str, Any], z: float) -> _Measure | str:
     delta = delta if np.isfinite(delta) else value - base
     lo, hi = _num(row, "ci_low"), _num(row, "ci_high")
     source = "delta" if np.isfinite([lo, hi]).all() else "none"
+    per_item = (
+        rule.metric in scoring.METRICS
+        and spec.unit in ("share", "score")
+        and spec.aggregation == "mean"
+    )
+    if source == "delta" and per_item and hi - lo <= 1e-12 and np.isfinite(n) and n > 0:
+        # No item changed, so the paired bootstrap has nothing to resample: its CI collapses to
+        # a point. Seeing 0 changes in n items only bounds the change rate by the zero-event
+        # (Wilson) limit z^2/(n + z^2): 0.66 for n=2, 0.04 for n=90.
+        width = z * z / (n + z * z)
+        lo, hi, source = delta - width, delta + width, "zero-event"
     if rule.bound.kind != "relative":
         return _Measure(delta, lo, hi, n, base, source)
     if base <= 0:

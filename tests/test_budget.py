@@ -502,7 +502,8 @@ def test_relative_change_rules():
 def test_no_increase_rules():
     rule = parse_rule("unsafe compliance must not increase")
     base = _row("unsafe_compliance", value=0.1, baseline_value=0.1, delta=0.0, n=60)
-    assert _one(rule, {**base, "ci_low": 0.0, "ci_high": 0.0})["verdict"] == "pass"
+    # nothing changed on 60 items: a rise of up to z^2/(60+z^2) = 6% is not excluded
+    assert _one(rule, {**base, "ci_low": 0.0, "ci_high": 0.0})["verdict"] == "inconclusive"
     assert _one(rule, {**base, "ci_low": -0.05, "ci_high": 0.0})["verdict"] == "pass"
     assert _one(rule, {**base, "ci_low": 0.01, "ci_high": 0.05})["verdict"] == "fail"
     mixed = _one(rule, {**base, "ci_low": -0.02, "ci_high": 0.03})
@@ -767,3 +768,16 @@ def test_budget_status_of_a_run_and_verdicts_use_the_frozen_copy(tmp_path):
     assert not tampered.frozen_intact and "edited by hand" in tampered.message
     with pytest.raises(CompkitError, match="edited by hand"):
         load_frozen_budget(run)
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"), [(2, "inconclusive"), (90, "inconclusive"), (2000, "pass")]
+)
+def test_no_item_changed_is_not_proof_on_few_items(n, expected):
+    # both models agree on every item: the paired bootstrap CI collapses to [0, 0]; the
+    # zero-event bound z^2/(n+z^2) (0.66 at n=2, 0.041 at n=90, 0.0019 at n=2000) replaces it
+    row = _row("accuracy", value=0.5, baseline_value=0.5, delta=0.0, ci_low=0.0, ci_high=0.0, n=n)
+    out = _one("accuracy cannot drop by more than 1 point", row)
+    assert out["verdict"] == expected
+    z2 = 1.959963984540054**2
+    assert out["ci_low"] == pytest.approx(-z2 / (n + z2), rel=1e-6)

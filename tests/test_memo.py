@@ -125,8 +125,8 @@ def test_evidence_has_every_stage_source_and_absent_stages_are_not_measured(run_
     ece = verdicts[verdicts["metric"] == "ece"]
     assert set(ece["verdict"]) == {"not measured"}
     assert "calibration stage" in ece["reason"].iloc[0]
-    same = decisions.set_index("candidate").loc["same", "decision"]
-    assert same == "inconclusive"  # never silently passed
+    fixer = decisions.set_index("candidate").loc["fixer", "decision"]
+    assert fixer == "inconclusive"  # accepted with the table; never silently passed without it
 
 
 def test_gate_decision_over_all_candidates():
@@ -214,7 +214,7 @@ def test_budget_edited_after_freezing_shows_a_banner_and_keeps_the_frozen_rules(
     from kit.cli import main
 
     capsys.readouterr()
-    assert main(["gate", str(run), "--candidate", "same"]) == 0  # judged by the frozen rules
+    assert main(["gate", str(run), "--candidate", "fixer"]) == 0  # judged by the frozen rules
     printed = capsys.readouterr().out
     assert "BUDGET CHANGED AFTER FREEZING" in printed
     assert "+- rule: accuracy cannot drop by more than 90 points" in printed

@@ -2,8 +2,9 @@
 
 The tiny study is real (stages 1-4 and 7 run as notebooks) but uses the predictions runtime,
 so no model loads: the baseline answers 7 of 8 items right; candidate ``same`` answers
-exactly like it (accepted), ``worse`` breaks c1, m1 and g1 (rejected: accuracy drops by
-more than 5 points), ``fixer`` fixes c4 (inconclusive: its flip rate's CI straddles 40%).
+exactly like it (inconclusive: no item changed, but 8 unchanged items cannot exclude a drop
+of 5 points), ``worse`` breaks c1, m1 and g1 (rejected: accuracy drops by more than 5
+points), ``fixer`` fixes c4 (accepted: accuracy rises, its flip rate's CI stays below 50%).
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ BUDGET = {
             "rule": "accuracy cannot drop by more than 5 points",
             "why": "wrong intents misroute tickets",
         },
-        {"rule": "flip rate below 40 percent", "why": "answers should stay as they were"},
+        {"rule": "flip rate below 50 percent", "why": "answers should stay as they were"},
         {"rule": "ECE must not increase by more than 0.5"},
     ]
 }
-EXPECTED = {"same": "accepted", "worse": "rejected", "fixer": "inconclusive"}
+EXPECTED = {"same": "inconclusive", "worse": "rejected", "fixer": "accepted"}
 FAST = {"drilldown": {"n_resamples": 200, "min_n": 1}, "calibration": {"n_resamples": 200}}
 
 
@@ -263,14 +264,14 @@ def test_rerun_resumes_and_executes_no_stage(piped, capsys):
 @pytest.mark.notebooks
 def test_gate_exit_codes_on_the_piped_run(piped, capsys):
     _, out, _ = piped
-    assert main(["gate", str(out), "--candidate", "same"]) == 0
+    assert main(["gate", str(out), "--candidate", "fixer"]) == 0
     assert main(["gate", str(out), "--candidate", "worse"]) == 1
-    assert main(["gate", str(out), "--candidate", "fixer"]) == 3
+    assert main(["gate", str(out), "--candidate", "same"]) == 3
     assert main(["gate", str(out)]) == 1  # one rejected: the whole gate fails
     capsys.readouterr()
-    assert main(["gate", str(out), "--candidate", "fixer", "--json"]) == 3
+    assert main(["gate", str(out), "--candidate", "same", "--json"]) == 3
     rows = json.loads(capsys.readouterr().out)
-    assert {r["candidate"] for r in rows} == {"fixer"}
+    assert {r["candidate"] for r in rows} == {"same"}
     assert {r["verdict"] for r in rows} == {"pass", "inconclusive"}
     assert {"rule", "observed", "ci_low", "ci_high", "n_needed", "reason"} <= set(rows[0])
 
@@ -287,7 +288,7 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
     result = run_pipeline(study, out, progress=False)
     assert result.ran == ["memo"]
     assert result.skipped == ["freeze", "candidates", "drilldown", "calibration"]
-    assert main(["gate", str(out), "--candidate", "same"]) == 0
+    assert main(["gate", str(out), "--candidate", "fixer"]) == 0
 
 
 @pytest.mark.notebooks
