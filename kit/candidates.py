@@ -251,11 +251,20 @@ def stored_outputs(run_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def score_run(frozen: FrozenRun, *, sources=()) -> pd.DataFrame:
+    """Score every stored output of a run (baseline and candidates) with the frozen
+    continuations (for ``acc_norm``) and any extra score ``sources``."""
+    outputs = stored_outputs(frozen.run_dir)
+    if outputs.empty:
+        raise CompkitError(f"{frozen.run_dir}: no stored outputs (run stages 1 and 2 first)")
+    return scoring.score_outputs(
+        frozen.eval_set, outputs, continuations=frozen.continuations, sources=sources
+    )
+
+
 def write_outcomes(frozen: FrozenRun) -> pd.DataFrame:
     """Score every stored output and write ``outcomes.parquet`` (model x item x repeat)."""
-    outcomes = scoring.score_outputs(
-        frozen.eval_set, stored_outputs(frozen.run_dir), continuations=frozen.continuations
-    )
+    outcomes = score_run(frozen)
     outcomes.to_parquet(frozen.run_dir / "outcomes.parquet", index=False)
     return outcomes
 

@@ -38,7 +38,7 @@ import pandas as pd
 from kit.compare import flip_table, item_flips, noise_floor
 from kit.errors import CompkitError
 from kit.evalset import EvalItem, EvalSet
-from kit.scoring import ScoreSource, label_metrics, metric_columns, score_outputs
+from kit.scoring import ScoreSource, label_metrics, metric_columns
 from kit.slices import default_slice_columns, discover_slices, slice_table, worst_slices
 
 FAILING_COLUMNS = [
@@ -75,16 +75,10 @@ def load_run_outcomes(run_dir: str | Path, *, sources: Sequence[ScoreSource] = (
     candidate, including ``choice_correct_norm`` (``acc_norm``, which needs the frozen
     continuations) and any extra ``sources`` (review scores, ``evaluate`` scorers).
     """
-    from kit.candidates import stored_outputs
+    from kit.candidates import score_run
     from kit.freeze import load_frozen
 
-    frozen = load_frozen(run_dir)
-    outputs = stored_outputs(frozen.run_dir)
-    if outputs.empty:
-        raise CompkitError(f"{run_dir}: no stored outputs (run stages 1 and 2 first)")
-    return score_outputs(
-        frozen.eval_set, outputs, continuations=frozen.continuations, sources=sources
-    )
+    return score_run(load_frozen(run_dir), sources=sources)
 
 
 # --------------------------------------------------------------------------- examples
