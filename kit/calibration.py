@@ -1339,13 +1339,14 @@ class CalibrationTables:
     paths: dict[str, Path]
 
 
-def _run_outcomes(run_dir: Path, frozen: Any, outputs: pd.DataFrame) -> pd.DataFrame:
+def _run_outcomes(run_dir: Path, frozen: Any) -> pd.DataFrame:
+    """Stage 2's ``outcomes.parquet``; scored the same way (kit.candidates.score_run) if absent."""
     path = run_dir / "outcomes.parquet"
     if path.exists():
         return pd.read_parquet(path)
-    from kit import scoring
+    from kit.candidates import score_run
 
-    return scoring.score_outputs(frozen.eval_set, outputs)
+    return score_run(frozen)
 
 
 def write_calibration_tables(
@@ -1393,7 +1394,7 @@ def write_calibration_tables(
     frozen = load_frozen(run_dir)
     baseline = frozen.manifest.outputs.model
     outputs = stored_outputs(run_dir)
-    outcomes = _run_outcomes(run_dir, frozen, outputs)
+    outcomes = _run_outcomes(run_dir, frozen)
     conf = confidence_frame(outputs, outcomes, source=confidence)
     slices = frozen.slices()
     columns = list(slice_columns) if slice_columns is not None else default_slice_columns(slices)

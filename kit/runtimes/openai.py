@@ -41,9 +41,9 @@ go to ``/v1/chat/completions``, text prompts to ``/v1/completions``.
     Sent with every generation request (after the above, so it wins).
 
 Every request records client-side timings: ``ttft_s`` (request sent to first content
-token), ``latency_s`` (to the end of the answer) and, in ``Generation.extra`` (an attribute
-set on each result, as :class:`~kit.runtimes.base.Generation` has no field for them), the
-median and largest inter-token gap, the attempts and the number of streamed chunks.
+token), ``latency_s`` (to the end of the answer) and, in ``Generation.extra``, the median
+and largest inter-token gap, the attempts and the number of streamed chunks (stored as the
+``itl_p50_s``, ``itl_max_s`` and ``attempts`` output columns).
 Timings are those of the attempt that succeeded. Token counts come from the server's
 ``usage`` (``stream_options.include_usage``), else from the logprobs or the number of
 content chunks. A stream counts as complete only with a ``finish_reason`` (``[DONE]``
@@ -298,7 +298,7 @@ class _Answer:
         if output_tokens is None:
             output_tokens = len(self.logprobs) if self.has_logprobs else len(self.token_times)
         gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
-        gen = Generation(
+        return Generation(
             item_id=item_id,
             text="".join(self.pieces),
             prompt_tokens=usage.get("prompt_tokens"),
@@ -308,14 +308,13 @@ class _Answer:
             token_logprobs=list(self.logprobs) if self.has_logprobs and self.logprobs else None,
             finish_reason=self.finish_reason,
             batch_size=batch_size,
+            extra={
+                "itl_p50_s": statistics.median(gaps) if gaps else None,
+                "itl_max_s": max(gaps) if gaps else None,
+                "attempts": attempts,
+                "chunks": self.chunks,
+            },
         )
-        gen.extra = {  # type: ignore[attr-defined]  # see the module docstring
-            "itl_p50_s": statistics.median(gaps) if gaps else None,
-            "itl_max_s": max(gaps) if gaps else None,
-            "attempts": attempts,
-            "chunks": self.chunks,
-        }
-        return gen
 
 
 def _choice_text(choice: Any) -> str | None:
@@ -999,15 +998,14 @@ def _message(failure: RequestFailed, attempts: int) -> str:
 def _failed_generation(
     item_id: str, failure: RequestFailed, attempts: int, batch_size: int
 ) -> Generation:
-    gen = Generation(
+    return Generation(
         item_id=item_id,
         text="",
         batch_size=batch_size,
         error=_message(failure, attempts),
         error_class=failure.error_class,
+        extra={"attempts": attempts, "status": failure.status},
     )
-    gen.extra = {"attempts": attempts, "status": failure.status}  # type: ignore[attr-defined]
-    return gen
 
 
 def _echo_payload(model: str, prompt: str) -> dict[str, Any]:
