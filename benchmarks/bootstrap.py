@@ -2,7 +2,7 @@
 
 Workload: 1,000,000 items x 5 candidates (+ baseline) x 30 slices x 1,000 resamples of
 synthetic binary outcomes; slices are an int column with 30 values. Times
-:func:`kit.compare.paired_bootstrap` (``method="auto"``, which picks the exact "counts"
+:func:`kit.analysis.compare.paired_bootstrap` (``method="auto"``, which picks the exact "counts"
 path for binary data) and, on fewer resamples scaled up, the general "indices" and
 "poisson" paths that any metric can use. The reference is lm-evaluation-harness's
 ``bootstrap_stderr`` inner loop (``f(rnd.choices(xs, k=len(xs)))`` with ``f = mean``, one
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from kit.compare import paired_bootstrap
+from kit.analysis.compare import paired_bootstrap
 
 
 def synthetic(n_items: int, n_candidates: int, n_slices: int, seed: int = 0):

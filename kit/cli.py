@@ -27,7 +27,7 @@ DEMO_STUDY = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.y
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from kit.evalset import label_shares, summary
-    from kit.freeze import prepare
+    from kit.stages.freeze import prepare
 
     study, eval_set, _, inputs = prepare(args.study)
     print(f"study {study.name!r}: valid")
@@ -45,7 +45,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_freeze(args: argparse.Namespace) -> int:
-    from kit.freeze import freeze_baseline
+    from kit.stages.freeze import freeze_baseline
 
     manifest = freeze_baseline(args.study, args.out, progress=not args.quiet)
     _print_freeze_summary(manifest, Path(args.out))
@@ -69,7 +69,7 @@ def _print_freeze_summary(manifest, out: Path) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from kit.freeze import check_frozen
+    from kit.stages.freeze import check_frozen
 
     report = check_frozen(args.run)
     print(report.render())
@@ -77,7 +77,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_candidates(args: argparse.Namespace) -> int:
-    from kit.candidates import run_candidates
+    from kit.stages.candidates import run_candidates
 
     run = Path(args.run)
     if args.study is not None:
@@ -89,7 +89,7 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
 
 
 def _ensure_same_study(run: Path, study: Path) -> None:
-    from kit.freeze import BaselineManifest
+    from kit.stages.freeze import BaselineManifest
 
     frozen_from = Path(BaselineManifest.load(run).inputs.study_file).resolve()
     if frozen_from != study.resolve():

@@ -26,7 +26,7 @@ A rerun skips a stage that is *up to date*: it finished, its source notebook and
 parameters are unchanged, and every earlier stage finished before it started. A stage
 reruns when ``force``, when it is named in ``stages`` (those run, always), or when an
 earlier stage reran in the same invocation. A skipped freeze stage is still verified
-(:func:`kit.freeze.ensure_frozen`: same study, no frozen input changed).
+(:func:`kit.stages.freeze.ensure_frozen`: same study, no frozen input changed).
 
 Failure
 -------
@@ -535,7 +535,7 @@ def run_pipeline(
         sha = _sha256(NOTEBOOKS_DIR / s.notebook)
         if not (force or reran or stages is not None) and _up_to_date(record, s, params, sha):
             if s.name == "freeze":
-                from kit.freeze import ensure_frozen
+                from kit.stages.freeze import ensure_frozen
 
                 ensure_frozen(study, out, progress=False)  # verifies; never re-freezes
             say(f"[{number}/{len(STAGES)}] {s.name}: up to date (finished {_finished(record, s)})")

@@ -103,7 +103,7 @@ class SamplingConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    """How stage 4 reads confidence (see :mod:`kit.calibration`)."""
+    """How stage 4 reads confidence (see :mod:`kit.analysis.calibration`)."""
 
     confidence: Literal["auto", "choice", "mean_token", "min_token", "verbalized", "reported"] = (
         Field(

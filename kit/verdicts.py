@@ -1,6 +1,6 @@
 """Stage 7 compute: gather the stages' evidence, judge the frozen budget, write ``verdict.json``.
 
-The budget rules (:mod:`kit.budget`) are judged on one long evidence frame built from the
+The budget rules (:mod:`kit.budget.grammar`) are judged on one long evidence frame built from the
 tables the earlier stages wrote under ``runs/NAME/tables/``. Each source is registered in
 :data:`EVIDENCE_SOURCES` with the stage that writes it; a table that is not there yet is
 simply absent from the evidence, so rules on its metrics come out ``not measured``, never
@@ -14,10 +14,10 @@ source               table                           rows
 ``calibration``      ``calibration_comparison`` (4)  ECE / Brier / abstention deltas
 ===================  ==============================  ===================================
 
-:func:`judge_run` evaluates the run's FROZEN budget copy (:func:`kit.budget.load_frozen_budget`)
+:func:`judge_run` evaluates the run's FROZEN budget copy (:func:`kit.budget.grammar.load_frozen_budget`)
 for every candidate with stored outputs and writes ``verdict.json`` (:class:`VerdictReport`:
 decisions, verdict rows, budget banner, evidence files, provenance) and
-``tables/verdicts.parquet``. The memo (:mod:`kit.memo`) and ``compkit gate`` only read them.
+``tables/verdicts.parquet``. The memo (:mod:`kit.report.memo`) and ``compkit gate`` only read them.
 
 Example
 -------
@@ -37,7 +37,7 @@ from typing import Any, Literal, NamedTuple
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from kit.budget import (
+from kit.budget.grammar import (
     DECISION_COLUMNS,
     EVIDENCE_OPTIONAL,
     EVIDENCE_REQUIRED,
@@ -98,13 +98,13 @@ EVIDENCE_SOURCES: tuple[EvidenceSource, ...] = (
         "slices",
         "drilldown",
         "slice_table.parquet",
-        "overall and per-slice deltas with paired bootstrap CIs (kit.slices.slice_table)",
+        "overall and per-slice deltas with paired bootstrap CIs (kit.analysis.slices.slice_table)",
     ),
     EvidenceSource(
         "flips",
         "drilldown",
         "flips.parquet",
-        "flip rate right->wrong + wrong->right with a Wilson CI (kit.budget.flip_rate_evidence)",
+        "flip rate right->wrong + wrong->right with a Wilson CI (kit.budget.grammar.flip_rate_evidence)",
         _flip_rates,
     ),
     EvidenceSource(
@@ -159,7 +159,7 @@ def _read_evidence(run_dir: Path) -> tuple[pd.DataFrame, list[EvidenceFile]]:
 
 
 def gather_evidence(run_dir: str | Path) -> pd.DataFrame:
-    """The long evidence frame :func:`kit.budget.evaluate_rules` judges, from a run's tables.
+    """The long evidence frame :func:`kit.budget.grammar.evaluate_rules` judges, from a run's tables.
 
     Reads every :data:`EVIDENCE_SOURCES` table present under ``run_dir/tables/``: the
     drill-down's slice table (overall + slice rows), its flip table (as ``flip_rate`` rows)
@@ -196,7 +196,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 class VerdictRow(BaseModel):
-    """One rule judged for one candidate (:data:`kit.budget.VERDICT_COLUMNS`)."""
+    """One rule judged for one candidate (:data:`kit.budget.grammar.VERDICT_COLUMNS`)."""
 
     model_config = ConfigDict(frozen=True)
     candidate: str
@@ -220,7 +220,7 @@ class VerdictRow(BaseModel):
 
 
 class DecisionRow(BaseModel):
-    """One candidate's decision (:data:`kit.budget.DECISION_COLUMNS`) and the rules behind it."""
+    """One candidate's decision (:data:`kit.budget.grammar.DECISION_COLUMNS`) and the rules behind it."""
 
     model_config = ConfigDict(frozen=True)
     candidate: str
@@ -236,7 +236,7 @@ class DecisionRow(BaseModel):
 
 
 class BudgetBanner(BaseModel):
-    """:class:`kit.budget.BudgetStatus` as stored: did the budget change after freezing?"""
+    """:class:`kit.budget.grammar.BudgetStatus` as stored: did the budget change after freezing?"""
 
     model_config = ConfigDict(frozen=True)
     frozen_path: str | None
@@ -309,14 +309,14 @@ class VerdictReport(BaseModel):
             raise CompkitError(f"{path}: unreadable verdict file: {exc}") from exc
 
     def verdicts_frame(self) -> pd.DataFrame:
-        """The verdict rows as :func:`kit.budget.evaluate_rules` returned them."""
+        """The verdict rows as :func:`kit.budget.grammar.evaluate_rules` returned them."""
         frame = pd.DataFrame([r.model_dump() for r in self.verdicts], columns=VERDICT_COLUMNS)
         numeric = ["observed", "baseline", "threshold", "ci_low", "ci_high", "n", "n_needed"]
         frame[numeric] = frame[numeric].astype(float)
         return frame
 
     def decisions_frame(self) -> pd.DataFrame:
-        """One row per candidate: :data:`kit.budget.DECISION_COLUMNS`."""
+        """One row per candidate: :data:`kit.budget.grammar.DECISION_COLUMNS`."""
         return pd.DataFrame([d.model_dump() for d in self.decisions]).reindex(
             columns=DECISION_COLUMNS
         )
@@ -393,7 +393,7 @@ def build_report(
     Provenance (kit version + git sha, manifest hashes, time) is filled in here.
     """
     from kit.environment import kit_info
-    from kit.freeze import BaselineManifest
+    from kit.stages.freeze import BaselineManifest
     from kit.store import now_iso
 
     run_dir = Path(run_dir)
@@ -425,7 +425,7 @@ class Judgement(NamedTuple):
 
 def judged_candidates(run_dir: str | Path) -> list[str]:
     """Candidates with stored outputs (``outputs/<name>/`` other than the baseline)."""
-    from kit.drilldown import run_models
+    from kit.stages.drilldown import run_models
 
     return run_models(run_dir)[1]
 
@@ -456,8 +456,8 @@ def judge_run(
     Returns
     -------
     Judgement
-        ``(verdicts, decisions, status)``: the :func:`kit.budget.evaluate_rules` frame,
-        the :func:`kit.budget.decide` frame and the :class:`kit.budget.BudgetStatus`
+        ``(verdicts, decisions, status)``: the :func:`kit.budget.grammar.evaluate_rules` frame,
+        the :func:`kit.budget.grammar.decide` frame and the :class:`kit.budget.grammar.BudgetStatus`
         (the budget always comes from the frozen copy; ``status.changed`` says whether
         the file was edited since).
 
@@ -534,18 +534,18 @@ def sample_size_caveats(
     """Minimum detectable effect of every change rule on a share metric.
 
     For each verdict row whose rule bounds the change (points or relative) of a scoring
-    metric, :func:`kit.compare.mde_warnings` on the evidence row of the rule's slice: the
+    metric, :func:`kit.analysis.compare.mde_warnings` on the evidence row of the rule's slice: the
     smallest drop the paired items can detect (alpha 0.05, power 0.8) against the drop the
     rule tolerates. ``underpowered`` rows are the memo's sample-size warnings.
 
     Parameters
     ----------
     verdicts
-        :func:`kit.budget.evaluate_rules` rows.
+        :func:`kit.budget.grammar.evaluate_rules` rows.
     slice_rows
-        :func:`kit.slices.slice_table` rows (``tables/slice_table.parquet``).
+        :func:`kit.analysis.slices.slice_table` rows (``tables/slice_table.parquet``).
     flips
-        :func:`kit.compare.flip_table` rows; their discordant rate replaces
+        :func:`kit.analysis.compare.flip_table` rows; their discordant rate replaces
         ``discordant_rate`` where available.
 
     Returns
@@ -555,7 +555,7 @@ def sample_size_caveats(
         discordant_rate, mde, underpowered, message`` (``mde`` is ``inf`` when no drop is
         detectable with ``n`` items).
     """
-    from kit.compare import mde_warnings
+    from kit.analysis.compare import mde_warnings
 
     out = []
     for row in _records(verdicts):

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit import budget as B
-from kit.budget import (
+from kit.budget import grammar as B
+from kit.budget.grammar import (
     AbsoluteBound,
     ChangeBound,
     SliceRef,
@@ -622,7 +622,7 @@ def test_evidence_is_validated():
 
 def test_with_compare_models_output():
     """The real comparison frame is valid evidence (shape compatibility)."""
-    from kit.compare import compare_models
+    from kit.analysis.compare import compare_models
 
     rng = np.random.default_rng(0)
     n = 120
@@ -699,7 +699,7 @@ def test_compare_budgets_reports_an_edit_with_a_diff(tmp_path):
 def _fake_run(tmp_path: Path) -> tuple[Path, Path]:
     """A run folder with a manifest and a frozen budget copy (no model run)."""
     from kit.environment import Hardware, KitInfo
-    from kit.freeze import BaselineManifest, FrozenInputs, OutputsSummary
+    from kit.stages.freeze import BaselineManifest, FrozenInputs, OutputsSummary
 
     study_budget = tmp_path / "study" / "budget.yaml"
     study_budget.parent.mkdir()

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from kit import calibration as cal
-from kit.compare import RESULT_COLUMNS, paired_bootstrap
+from kit.analysis import calibration as cal
+from kit.analysis.compare import RESULT_COLUMNS, paired_bootstrap
 from kit.errors import CompkitError
 from kit.evalset import EvalItem
 
@@ -308,7 +308,7 @@ def test_bootstrap_ci_of_ece_delta_contains_the_true_delta():
 
 
 def test_bootstrap_uses_the_paired_bootstrap_resamples():
-    """Brier is a per-item mean: its CI must equal kit.compare.paired_bootstrap's."""
+    """Brier is a per-item mean: its CI must equal kit.analysis.compare.paired_bootstrap's."""
     conf = _synthetic_pair(300, seed=3)
     table = cal.calibration_comparison(conf, baseline="base", n_resamples=200, seed=7)
     sq = {m: ((g["confidence"] - g["correct"]) ** 2).to_numpy() for m, g in conf.groupby("model")}
@@ -461,7 +461,7 @@ def test_registry_has_direction_for_every_new_metric():
 
 def test_charts_draw_the_frames_they_are_given():
     alt = pytest.importorskip("altair")
-    from kit.charts.calibration import (
+    from kit.report.charts.calibration import (
         confidence_bucket_chart,
         reliability_chart,
         risk_coverage_chart,
@@ -534,8 +534,8 @@ def tiny_llama_dir(tmp_path_factory, tiny_model_dir):
 def test_notebook_04_runs_under_papermill(tmp_path, tiny_llama_dir):
     import papermill as pm
 
-    from kit.candidates import run_candidates
-    from kit.freeze import freeze_baseline
+    from kit.stages.candidates import run_candidates
+    from kit.stages.freeze import freeze_baseline
 
     d = tmp_path / "study"
     d.mkdir()

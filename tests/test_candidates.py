@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from kit import cli
-from kit.candidates import CandidateManifest, candidate_summary, run_candidates
 from kit.errors import CompkitError
-from kit.freeze import FrozenInputsChanged, freeze_baseline
+from kit.stages.candidates import CandidateManifest, candidate_summary, run_candidates
+from kit.stages.freeze import FrozenInputsChanged, freeze_baseline
 
 ITEMS = [
     {"id": f"c{i}", "task": "classification", "input": text, "label": label}
@@ -227,7 +227,7 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path, tiny_
     freeze_baseline(study, out, progress=False)
     store = out / "outputs" / "slow"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    code = "from kit.candidates import run_candidates; import sys; run_candidates(sys.argv[1], progress=False)"
+    code = "from kit.stages.candidates import run_candidates; import sys; run_candidates(sys.argv[1], progress=False)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(store.glob("part-*.parquet"))) < 2:

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit.charts import comparison as charts
-from kit.compare import FLIP_KINDS, RESULT_COLUMNS
+from kit.analysis.compare import FLIP_KINDS, RESULT_COLUMNS
+from kit.analysis.slices import worst_slices
 from kit.errors import CompkitError, DependencyMissing
-from kit.slices import worst_slices
+from kit.report.charts import comparison as charts
 
 
 def _row(model, slice_, value, metric, delta, low, high, n=40, base=0.8):

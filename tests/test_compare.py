@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy.stats import binomtest, entropy, wilcoxon
 
-from kit.compare import (
+from kit.analysis.compare import (
     FLIP_KINDS,
     RESULT_COLUMNS,
     agreement_rate,
@@ -324,7 +324,7 @@ def test_bootstrap_memory_is_bounded_by_blocks():
 def test_poisson_weights_have_poisson_moments():
     from scipy.stats import poisson
 
-    from kit.compare import _poisson_weights
+    from kit.analysis.compare import _poisson_weights
 
     weights = _poisson_weights(np.arange(2**16, dtype=np.uint16))  # every 16-bit draw once
     assert weights.mean() == pytest.approx(1.0, abs=1e-4)

@@ -191,7 +191,7 @@ def test_demo_study_validates() -> None:
     assert study.resolve(study.budget).is_file()
     # the demo sample keeps every (task, label) stratum: both rare intents stay rare
     from kit.evalset import label_shares
-    from kit.freeze import load_study_eval_set
+    from kit.stages.freeze import load_study_eval_set
 
     sample = load_study_eval_set(study)
     shares = label_shares(sample).set_index("label")["share"]
@@ -207,7 +207,7 @@ def test_demo_study_validates() -> None:
 def test_arc_study_validates_and_loads() -> None:
     study = load_study(ARC / "study.yaml")
     assert study.name == "arc-smollm2"
-    from kit.freeze import load_study_eval_set
+    from kit.stages.freeze import load_study_eval_set
 
     es = load_study_eval_set(study)
     assert len(es) == 300

@@ -15,8 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from kit.compare import RESULT_COLUMNS, compare_models
-from kit.drilldown import (
+from kit.analysis.compare import RESULT_COLUMNS, compare_models
+from kit.analysis.slices import DISCOVERY_COLUMNS
+from kit.errors import CompkitError
+from kit.evalset import load_eval_set
+from kit.stages.drilldown import (
     FAILING_COLUMNS,
     drilldown_frames,
     failing_examples,
@@ -27,9 +30,6 @@ from kit.drilldown import (
     side_by_side,
     write_drilldown_tables,
 )
-from kit.errors import CompkitError
-from kit.evalset import load_eval_set
-from kit.slices import DISCOVERY_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 ITEMS = [
@@ -128,8 +128,8 @@ def _predictions(path: Path, outputs: dict, probs: dict, repeats: int) -> None:
 
 def build_run(root: Path, *, repeats: int = 2) -> Path:
     """Freeze the crafted baseline and run both crafted candidates; returns the run folder."""
-    from kit.candidates import run_candidates
-    from kit.freeze import freeze_baseline
+    from kit.stages.candidates import run_candidates
+    from kit.stages.freeze import freeze_baseline
 
     study_dir = root / "study"
     study_dir.mkdir(parents=True)
@@ -372,8 +372,8 @@ def test_write_drilldown_tables(run_dir):
 
 def test_slice_explorer_updates_chart_and_examples(run_dir):
     pytest.importorskip("ipywidgets")
-    from kit.drilldown import drilldown_tables
-    from kit.widgets import ALL_VALUES, slice_explorer
+    from kit.report.widgets import ALL_VALUES, slice_explorer
+    from kit.stages.drilldown import drilldown_tables
 
     outcomes = load_run_outcomes(run_dir)
     tables = drilldown_tables(run_dir, n_resamples=50, outcomes=outcomes)

@@ -12,14 +12,14 @@ import yaml
 
 from kit import cli
 from kit.errors import CompkitError
-from kit.freeze import (
+from kit.runtimes import open_runtime
+from kit.stages.freeze import (
     BaselineManifest,
     FrozenInputsChanged,
     check_frozen,
     ensure_frozen,
     freeze_baseline,
 )
-from kit.runtimes import open_runtime
 from kit.study import load_study
 
 ITEMS = [
@@ -237,7 +237,7 @@ def test_check_detects_swapped_weights_and_runtime_version(frozen, monkeypatch):
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, weights, metadata={"format": "pt"})
     monkeypatch.setattr(
-        "kit.freeze.library_versions",
+        "kit.stages.freeze.library_versions",
         lambda names: {
             n: ("9.9.9" if n == "transformers" else v)
             for n, v in BaselineManifest.load(out).libraries.items()

@@ -25,7 +25,7 @@ import yaml
 from test_pipeline import BUDGET, CANDIDATES, EXPECTED, ITEMS, build_judged_run
 
 from kit.errors import CompkitError
-from kit.memo import format_ci, format_number, inline_svg, write_memo
+from kit.report.memo import format_ci, format_number, inline_svg, write_memo
 from kit.verdicts import (
     EVIDENCE_COLUMNS,
     VerdictReport,

@@ -141,10 +141,10 @@ def write_study(
 
 def build_judged_run(root: Path, **study_kwargs) -> Path:
     """Stages 1-4 and the verdict in process (no papermill); returns the run folder."""
-    from kit.calibration import write_calibration_tables
-    from kit.candidates import run_candidates
-    from kit.drilldown import write_drilldown_tables
-    from kit.freeze import freeze_baseline
+    from kit.analysis.calibration import write_calibration_tables
+    from kit.stages.candidates import run_candidates
+    from kit.stages.drilldown import write_drilldown_tables
+    from kit.stages.freeze import freeze_baseline
     from kit.verdicts import judge_run
 
     study = write_study(root / "study", **study_kwargs)
@@ -193,8 +193,8 @@ def test_unknown_stage_lists_the_valid_ones(tmp_path):
 
 
 def test_stages_after_candidates_refuse_a_run_without_candidates(tmp_path):
-    from kit.freeze import freeze_baseline
     from kit.pipeline import run_pipeline
+    from kit.stages.freeze import freeze_baseline
 
     study = write_study(tmp_path / "study", candidates={})
     out = tmp_path / "runs" / "alone"
@@ -303,13 +303,13 @@ def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_pat
     message = str(err)
     assert err.stage == "candidates"
     assert "stage 'candidates' (02_run_candidates.ipynb) failed in cell" in message
-    assert "`from kit.candidates import run_candidates`" in message
+    assert "`from kit.stages.candidates import run_candidates`" in message
     assert "ValidationError" in message and "'g2'" in message
     executed = out / "notebooks" / "02_run_candidates.ipynb"
     assert executed.is_file() and executed.with_suffix(".html").is_file()
     assert str(executed) in message
     source = json.loads((ROOT / "notebooks" / "02_run_candidates.ipynb").read_text())["cells"]
-    assert "".join(source[err.cell_index]["source"]).startswith("from kit.candidates import")
+    assert "".join(source[err.cell_index]["source"]).startswith("from kit.stages.candidates import")
     assert f"failed in cell {err.cell_index} (In [{err.exec_count}]: " in message
     saved = json.loads(executed.read_text())["cells"]
     failed = [c for c in saved if c["cell_type"] == "code" and c.get("outputs")]
@@ -411,6 +411,6 @@ def test_gate_json_prints_the_verdict_frame(tmp_path, capsys):
     assert [r["candidate"] for r in rows] == ["a", "b"]
     assert rows[0]["verdict"] == "pass" and rows[0]["baseline"] is None
     frame = pd.DataFrame(rows)
-    from kit.budget import VERDICT_COLUMNS
+    from kit.budget.grammar import VERDICT_COLUMNS
 
     assert list(frame.columns) == VERDICT_COLUMNS

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kit.compare import compare_models
+from kit.analysis.compare import compare_models
 from kit.errors import CompkitError, ValidationError
 from kit.evalset import load_eval_set
 from kit.scoring import (
@@ -251,7 +251,7 @@ def test_review_sheet_round_trip(run_dir, tmp_path):
     ]
     assert scores.loc[1, "notes"] == "curt" and scores.attrs["scale"] == "0-5"
 
-    from kit.drilldown import load_run_outcomes
+    from kit.stages.drilldown import load_run_outcomes
 
     outcomes = load_run_outcomes(run_dir, sources=[review_scores(scores)])
     human = outcomes.set_index(["model", "item_id", "repeat"])["human_score"]

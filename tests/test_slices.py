@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit.compare import RESULT_COLUMNS, item_flips
+from kit.analysis.compare import RESULT_COLUMNS, item_flips
+from kit.analysis.slices import default_slice_columns, discover_slices, slice_table, worst_slices
 from kit.errors import CompkitError
-from kit.slices import default_slice_columns, discover_slices, slice_table, worst_slices
 
 
 def planted(n=3000, seed=0):

@@ -40,7 +40,7 @@ class MetricInfo:
     """A metric's metadata.
 
     ``aggregation`` is ``"mean"`` for a per-item outcome column averaged over items (the
-    metrics :mod:`kit.compare` and :mod:`kit.slices` compare item by item), ``"per_label"``
+    metrics :mod:`kit.analysis.compare` and :mod:`kit.analysis.slices` compare item by item), ``"per_label"``
     for a value per classification label (rows of :func:`label_metrics`), or the name of
     the function in :data:`AGGREGATES` that computes the metric from the whole outcome
     table (``"macro"``: macro F1, rare-label recall).

@@ -100,8 +100,8 @@ def export_review_sheet(
         shows an empty output and its error in ``notes``.
     """
     from kit.environment import kit_info
-    from kit.freeze import load_frozen
     from kit.scoring.custom import default_reference
+    from kit.stages.freeze import load_frozen
     from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
 
     _check_scale(scale)

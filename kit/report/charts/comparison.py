@@ -1,6 +1,6 @@
 """Altair charts of paired comparisons: deltas with CIs, slices, flips, worst slices, noise.
 
-Every function takes a frame produced by :mod:`kit.compare` or :mod:`kit.slices` and
+Every function takes a frame produced by :mod:`kit.analysis.compare` or :mod:`kit.analysis.slices` and
 returns an altair chart whose data are rows of that frame, unchanged: the keyword
 arguments (``metric``, ``slice``) only select which rows to draw. Nothing is computed here;
 the colour of a row reads its CI bounds in the spec (``status``: clear drop, clear gain,
@@ -45,7 +45,7 @@ def _altair() -> Any:
     try:
         import altair as alt
     except ImportError:
-        raise DependencyMissing("altair", "core", "kit.charts") from None
+        raise DependencyMissing("altair", "core", "kit.report.charts") from None
     return alt
 
 
@@ -72,7 +72,7 @@ def _select(
 
 
 def _higher_is_better(metric: str) -> bool:
-    from kit.compare import metric_info
+    from kit.analysis.compare import metric_info
 
     return metric_info(metric).higher_is_better
 
@@ -140,7 +140,7 @@ def delta_chart(table: pd.DataFrame, *, metric: str) -> alt.LayerChart:
     Parameters
     ----------
     table
-        :func:`kit.compare.compare_models` or :func:`kit.slices.slice_table` output.
+        :func:`kit.analysis.compare.compare_models` or :func:`kit.analysis.slices.slice_table` output.
     metric
         Registered metric name (``accuracy``); rows with ``slice="overall"`` are drawn.
 
@@ -172,7 +172,7 @@ def slice_delta_chart(table: pd.DataFrame, *, metric: str, slice: str) -> alt.La
     Parameters
     ----------
     table
-        :func:`kit.slices.slice_table` output.
+        :func:`kit.analysis.slices.slice_table` output.
     metric, slice
         Registered metric name and slice column (``language``).
 
@@ -213,7 +213,7 @@ def flip_chart(
     Parameters
     ----------
     flips
-        :func:`kit.compare.flip_table` output.
+        :func:`kit.analysis.compare.flip_table` output.
     slice, slice_value
         Which rows to draw (default: over all items).
     kinds
@@ -259,7 +259,7 @@ def flip_chart(
 
 
 def worst_slices_chart(worst: pd.DataFrame) -> alt.LayerChart:
-    """The worst slices (as ranked by :func:`kit.slices.worst_slices`) with their CIs.
+    """The worst slices (as ranked by :func:`kit.analysis.slices.worst_slices`) with their CIs.
 
     Slices keep the frame's order (worst first); the colour tells whether even the CI's
     optimistic end is a drop (``clear_drop``).
@@ -310,9 +310,9 @@ def noise_floor_overlay(
     Parameters
     ----------
     table
-        :func:`kit.compare.compare_models` / :func:`kit.slices.slice_table` output.
+        :func:`kit.analysis.compare.compare_models` / :func:`kit.analysis.slices.slice_table` output.
     noise
-        :func:`kit.compare.noise_floor` output (``model`` = baseline, ``repeat`` = r).
+        :func:`kit.analysis.compare.noise_floor` output (``model`` = baseline, ``repeat`` = r).
     metric, slice, slice_value
         Which rows of both frames to draw.
 

@@ -1242,7 +1242,7 @@ def mde_warnings(
     Parameters
     ----------
     table
-        A :data:`RESULT_COLUMNS` frame (:func:`compare_models`, ``kit.slices.slice_table``).
+        A :data:`RESULT_COLUMNS` frame (:func:`compare_models`, ``kit.analysis.slices.slice_table``).
     budgets
         Metric name -> tolerated drop on the metric's own 0-1 scale (0.02 = 2 points).
     discordant_rate

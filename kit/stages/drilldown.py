@@ -2,8 +2,8 @@
 
 Reads a run folder (frozen inputs, stored outputs of the baseline and the candidates) and
 returns tidy frames; :func:`write_drilldown_tables` stores them under ``tables/`` with a
-provenance file. Nothing here draws: charts come from :mod:`kit.charts.comparison`, the
-interactive explorer from :mod:`kit.widgets`.
+provenance file. Nothing here draws: charts come from :mod:`kit.report.charts.comparison`, the
+interactive explorer from :mod:`kit.report.widgets`.
 
 Only the run folder is read (its frozen copies are the truth; ``load_frozen`` verifies the
 eval set's hash). The inputs' drift check (``compkit check``) guards running models, not
@@ -11,7 +11,7 @@ re-reading their stored outputs, so it is not repeated here.
 
 Tables (``runs/NAME/tables/``)
 ------------------------------
-``overall_deltas``     candidates vs baseline over all items (:data:`kit.compare.RESULT_COLUMNS`)
+``overall_deltas``     candidates vs baseline over all items (:data:`kit.analysis.compare.RESULT_COLUMNS`)
 ``slice_table``        the same per value of every slice column (overall rows first)
 ``flips``              flip counts and rates, overall and per slice (``flip_table``)
 ``noise_floor``        the baseline against its own repeats (empty with one repeat)
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from kit.compare import flip_table, item_flips, noise_floor
+from kit.analysis.compare import flip_table, item_flips, noise_floor
+from kit.analysis.slices import default_slice_columns, discover_slices, slice_table, worst_slices
 from kit.errors import CompkitError
 from kit.evalset import EvalItem, EvalSet
 from kit.scoring import ScoreSource, label_metrics, metric_columns
-from kit.slices import default_slice_columns, discover_slices, slice_table, worst_slices
 
 FAILING_COLUMNS = [
     "item_id",
@@ -59,7 +59,7 @@ FAILING_COLUMNS = [
 
 def run_models(run_dir: str | Path) -> tuple[str, list[str]]:
     """The baseline's name and the candidates with stored outputs, sorted."""
-    from kit.freeze import BaselineManifest
+    from kit.stages.freeze import BaselineManifest
 
     run_dir = Path(run_dir)
     baseline = BaselineManifest.load(run_dir).outputs.model
@@ -75,8 +75,8 @@ def load_run_outcomes(run_dir: str | Path, *, sources: Sequence[ScoreSource] = (
     candidate, including ``choice_correct_norm`` (``acc_norm``, which needs the frozen
     continuations) and any extra ``sources`` (review scores, ``evaluate`` scorers).
     """
-    from kit.candidates import score_run
-    from kit.freeze import load_frozen
+    from kit.stages.candidates import score_run
+    from kit.stages.freeze import load_frozen
 
     return score_run(load_frozen(run_dir), sources=sources)
 
@@ -104,7 +104,7 @@ def reference_text(item: EvalItem) -> str:
 
 
 def parse_slice(slice: str | Mapping[str, str] | None) -> dict[str, str]:
-    """``"channel=email & language=de"`` (as :func:`kit.slices.discover_slices` writes it)
+    """``"channel=email & language=de"`` (as :func:`kit.analysis.slices.discover_slices` writes it)
     or a mapping -> ``{column: value}``; ``None`` -> ``{}``."""
     if slice is None:
         return {}
@@ -145,7 +145,7 @@ def side_by_side(
     slices
         Slices frame (``id`` + slice columns); needed only with ``slice``.
     flip, metric
-        Which :func:`kit.compare.item_flips` kind to list, on which binary metric.
+        Which :func:`kit.analysis.compare.item_flips` kind to list, on which binary metric.
     k
         At most this many items (by item id).
     slice
@@ -248,7 +248,7 @@ def failing_examples(
         At most this many items (by item id).
     slice
         Only items in this slice: ``"language=de"``, ``"channel=email & language=de"``
-        (the form :func:`kit.slices.discover_slices` reports) or a mapping.
+        (the form :func:`kit.analysis.slices.discover_slices` reports) or a mapping.
     outcomes
         An already loaded :func:`load_run_outcomes` table (saves re-scoring).
 
@@ -258,8 +258,8 @@ def failing_examples(
         :data:`FAILING_COLUMNS` (+ the slice's columns): input, reference, baseline output
         and candidate output as plain text.
     """
-    from kit.candidates import stored_outputs
-    from kit.freeze import load_frozen
+    from kit.stages.candidates import stored_outputs
+    from kit.stages.freeze import load_frozen
 
     frozen = load_frozen(run_dir)
     outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
@@ -391,7 +391,7 @@ def drilldown_tables(
     outcomes: pd.DataFrame | None = None,
 ) -> DrilldownTables:
     """:func:`drilldown_frames` for a run folder (outcomes from :func:`load_run_outcomes`)."""
-    from kit.freeze import load_frozen
+    from kit.stages.freeze import load_frozen
 
     frozen = load_frozen(run_dir)
     outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
@@ -425,7 +425,7 @@ def write_drilldown_tables(
     Files are replaced atomically; returns the tables.
     """
     from kit.environment import kit_info
-    from kit.freeze import load_frozen
+    from kit.stages.freeze import load_frozen
     from kit.store import atomic_write_bytes, atomic_write_json, now_iso
 
     frozen = load_frozen(run_dir)

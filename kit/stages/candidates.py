@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from kit import scoring
 from kit.errors import CompkitError
 from kit.execute import RunPlan, run_model
-from kit.freeze import FrozenRun, load_frozen, require_unchanged
 from kit.models import builtin_gguf_path
 from kit.recipes import (
     RECIPES,
@@ -37,6 +36,7 @@ from kit.recipes import (
 )
 from kit.runtimes import open_runtime
 from kit.runtimes.base import Runtime
+from kit.stages.freeze import FrozenRun, load_frozen, require_unchanged
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
 from kit.study import ModelSpec, Study, load_study
 
@@ -172,7 +172,7 @@ def run_candidates(
 ) -> pd.DataFrame:
     """Run the study's candidates on the frozen inputs; returns one summary row per candidate.
 
-    Raises :class:`~kit.freeze.FrozenInputsChanged` (with the drift report) when a frozen
+    Raises :class:`~kit.stages.freeze.FrozenInputsChanged` (with the drift report) when a frozen
     input changed.
     """
     run_dir = Path(run_dir)

@@ -1,7 +1,7 @@
 """Stage 4: confidence and calibration, selective prediction and abstention.
 
 Compression changes how confidently a model fails. This module turns stored outputs and
-scored outcomes into tidy frames; :mod:`kit.charts.calibration` only draws them.
+scored outcomes into tidy frames; :mod:`kit.report.charts.calibration` only draws them.
 
 Confidence sources (:func:`confidence_frame`, ``source=``)
 ------------------------------------------------------------
@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from kit.compare import (
+from kit.analysis.compare import (
     OVERALL,
     RESULT_COLUMNS,
     compare_models,
@@ -96,7 +96,7 @@ ABSTENTION_METRICS = ("not_found_correct", "hallucinated_field_rate", "admits_un
 #: Registry of the metrics this stage adds; budget rules read direction from here
 #: (``hallucinated_field_rate`` and ``not_found_correct`` live in :data:`kit.scoring.METRICS`).
 #: ``aggregation`` names the function computing the metric: these are not per-item outcome
-#: columns, so :func:`kit.compare.compare_models` does not see them;
+#: columns, so :func:`kit.analysis.compare.compare_models` does not see them;
 #: :func:`calibration_comparison` / :func:`abstention_comparison` give their paired deltas.
 CALIBRATION_METRICS: dict[str, MetricInfo] = {
     m.name: m
@@ -175,7 +175,7 @@ def confidence_frame(
     ----------
     outputs
         Stored output rows (:data:`kit.execute.OUTPUT_COLUMNS`), e.g.
-        :func:`kit.candidates.stored_outputs`.
+        :func:`kit.stages.candidates.stored_outputs`.
     outcomes
         Outcome table of :func:`kit.scoring.score_outputs` for the same rows.
     source
@@ -600,7 +600,7 @@ def _with_slices(
                 f"slice column(s) {present} need a slices_frame (frozen/slices.parquet)"
             )
         return conf_frame
-    from kit.slices import attach_slices
+    from kit.analysis.slices import attach_slices
 
     return attach_slices(conf_frame, slices_frame, list(slice_columns))
 
@@ -942,7 +942,7 @@ def calibration_comparison(
     correctness. Items are resampled jointly: one set of item weights per resample serves
     every candidate, slice, metric and both models (a repeat carries its item's weight), so
     it is a cluster bootstrap over items. The weights come from the same generator as
-    :func:`kit.compare.paired_bootstrap` (``method="indices"``: ``n`` draws of item
+    :func:`kit.analysis.compare.paired_bootstrap` (``method="indices"``: ``n`` draws of item
     positions, ``block`` resamples at a time with at most ``max_cells`` weights held), and
     because ECE is not a per-item mean every binned statistic - quantile bin edges included
     - is recomputed on each resample with weighted prefix sums, vectorised over a block.
@@ -964,7 +964,7 @@ def calibration_comparison(
     Returns
     -------
     DataFrame
-        :data:`kit.compare.RESULT_COLUMNS`; ``delta = value - baseline_value`` and
+        :data:`kit.analysis.compare.RESULT_COLUMNS`; ``delta = value - baseline_value`` and
         ``ci_low, ci_high`` bound it. ``p_value`` is the two-sided bootstrap p-value
         ``min(1, 2 * min(P*(delta <= 0), P*(delta >= 0)))`` over the resamples (an
         approximation that inverts the percentile interval). Resamples where a slice has no
@@ -1248,8 +1248,8 @@ def abstention_comparison(
     """Abstention metrics of each candidate minus the baseline (overall), paired CIs.
 
     ``hallucinated_field_rate`` and ``not_found_correct`` go through
-    :func:`kit.compare.compare_models`; ``admits_uncertainty_rate`` through
-    :func:`kit.compare.paired_bootstrap` on per-item means, with McNemar's p-value when the
+    :func:`kit.analysis.compare.compare_models`; ``admits_uncertainty_rate`` through
+    :func:`kit.analysis.compare.paired_bootstrap` on per-item means, with McNemar's p-value when the
     per-item values are 0/1 (NaN otherwise).
 
     Parameters
@@ -1260,7 +1260,7 @@ def abstention_comparison(
     Returns
     -------
     DataFrame
-        :data:`kit.compare.RESULT_COLUMNS` (``slice="overall"``).
+        :data:`kit.analysis.compare.RESULT_COLUMNS` (``slice="overall"``).
     """
     frames = []
     scoring_cols = [c for c in ABSTENTION_COLUMNS[:2] if abstention[c].notna().any()]
@@ -1340,11 +1340,11 @@ class CalibrationTables:
 
 
 def _run_outcomes(run_dir: Path, frozen: Any) -> pd.DataFrame:
-    """Stage 2's ``outcomes.parquet``; scored the same way (kit.candidates.score_run) if absent."""
+    """Stage 2's ``outcomes.parquet``; scored the same way (kit.stages.candidates.score_run) if absent."""
     path = run_dir / "outcomes.parquet"
     if path.exists():
         return pd.read_parquet(path)
-    from kit.candidates import score_run
+    from kit.stages.candidates import score_run
 
     return score_run(frozen)
 
@@ -1363,10 +1363,10 @@ def write_calibration_tables(
 ) -> CalibrationTables:
     """Compute every calibration table of a run and write them under ``tables/``.
 
-    Reads the frozen run (:func:`kit.freeze.load_frozen`), every model's stored outputs and
+    Reads the frozen run (:func:`kit.stages.freeze.load_frozen`), every model's stored outputs and
     ``outcomes.parquet`` (scored here when stage 2 has not written it). Writes
     ``calibration_metrics`` (per model; plus the abstention metrics), ``calibration_comparison``
-    (:data:`kit.compare.RESULT_COLUMNS` with CIs, calibration and abstention metrics, per
+    (:data:`kit.analysis.compare.RESULT_COLUMNS` with CIs, calibration and abstention metrics, per
     slice), ``reliability`` (per model x slice x bin, both strategies),
     ``confidence_buckets``, ``risk_coverage``, ``selective``, ``abstention`` (per item) and
     ``missing_confidence`` as parquet, and ``calibration.json`` (parameters, kit version,
@@ -1378,14 +1378,14 @@ def write_calibration_tables(
         Confidence source, one of :data:`SOURCES`.
     slice_columns
         Slice columns for the comparison and reliability tables; default
-        :func:`kit.slices.default_slice_columns` of ``frozen/slices.parquet``.
+        :func:`kit.analysis.slices.default_slice_columns` of ``frozen/slices.parquet``.
     check
-        Call :func:`kit.freeze.require_unchanged` first (the gate of every later stage).
+        Call :func:`kit.stages.freeze.require_unchanged` first (the gate of every later stage).
     """
-    from kit.candidates import stored_outputs
+    from kit.analysis.slices import default_slice_columns
     from kit.environment import kit_info
-    from kit.freeze import load_frozen, require_unchanged
-    from kit.slices import default_slice_columns
+    from kit.stages.candidates import stored_outputs
+    from kit.stages.freeze import load_frozen, require_unchanged
     from kit.store import atomic_write_json, now_iso
 
     run_dir = Path(run_dir)

@@ -12,7 +12,7 @@ and reason reaches the page through autoescaping; nothing from the data is marke
 
 Charts
 ------
-The chart functions of :mod:`kit.charts` draw the stage tables; each chart is rendered to
+The chart functions of :mod:`kit.report.charts` draw the stage tables; each chart is rendered to
 SVG by vl-convert (Vega in an embedded JS engine, no browser) and inlined, so the memo
 needs no script, no CDN and no network: it opens offline with its charts visible. The SVG
 is generated markup (vl-convert escapes the data's text), checked by :func:`inline_svg`
@@ -42,7 +42,7 @@ from kit.verdicts import VerdictReport, sample_size_caveats
 
 MEMO_FILE = "memo.html"
 TEMPLATE = "memo.html.j2"
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 DECISION_WORDS = {
     "accepted": "may replace the baseline",
     "rejected": "may not replace the baseline",
@@ -195,8 +195,8 @@ def _drilldown_metric(run_dir: Path) -> str:
 def evidence_figures(run_dir: str | Path) -> list[Figure]:
     """The memo's charts from the stage tables that exist (slice deltas, flips, worst slices,
     noise floor, reliability), each rendered to inline SVG."""
-    from kit.charts import calibration as cal
-    from kit.charts import comparison as cmp
+    from kit.report.charts import calibration as cal
+    from kit.report.charts import comparison as cmp
 
     run_dir = Path(run_dir)
     metric = _drilldown_metric(run_dir)
@@ -318,7 +318,7 @@ def _baseline_facts(manifest: Any) -> list[tuple[str, str]]:
 
 
 def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
-    from kit.candidates import candidate_summary
+    from kit.stages.candidates import candidate_summary
 
     rows = []
     for r in candidate_summary(run_dir).to_dict("records"):
@@ -337,7 +337,7 @@ def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _failing(run_dir: Path, candidates: list[str], k: int) -> dict[str, list[dict[str, Any]]]:
-    from kit.drilldown import failing_examples, load_run_outcomes
+    from kit.stages.drilldown import failing_examples, load_run_outcomes
 
     if k <= 0:
         return {}
@@ -424,7 +424,7 @@ def memo_context(
         Failing examples (baseline right, candidate wrong) per candidate.
     """
     from kit.environment import kit_info
-    from kit.freeze import BaselineManifest
+    from kit.stages.freeze import BaselineManifest
     from kit.store import now_iso
 
     run_dir = Path(run_dir)

@@ -1,6 +1,6 @@
 """Altair charts of calibration: reliability diagrams, confidence buckets, risk-coverage.
 
-Every function takes a frame produced by :mod:`kit.calibration` and returns an altair chart
+Every function takes a frame produced by :mod:`kit.analysis.calibration` and returns an altair chart
 whose data is that frame, unchanged: keyword arguments (``strategy``, ``slice``) become
 filters in the chart spec, so nothing is computed here - empty bins are not in the frame
 and therefore never drawn.
@@ -35,7 +35,7 @@ def _altair() -> Any:
     try:
         import altair as alt
     except ImportError:
-        raise DependencyMissing("altair", "core", "kit.charts.calibration") from None
+        raise DependencyMissing("altair", "core", "kit.report.charts.calibration") from None
     return alt
 
 
@@ -77,7 +77,7 @@ def reliability_chart(
     Parameters
     ----------
     bins
-        :func:`kit.calibration.reliability_bins` (or :func:`~kit.calibration.reliability_table`
+        :func:`kit.analysis.calibration.reliability_bins` (or :func:`~kit.analysis.calibration.reliability_table`
         with a ``model`` column added).
     strategy
         Which binning to draw when the frame has a ``strategy`` column.
@@ -170,7 +170,7 @@ def confidence_bucket_chart(buckets: pd.DataFrame) -> alt.LayerChart:
     Parameters
     ----------
     buckets
-        :func:`kit.calibration.confidence_buckets` output.
+        :func:`kit.analysis.calibration.confidence_buckets` output.
 
     Returns
     -------
@@ -216,7 +216,7 @@ def risk_coverage_chart(curve: pd.DataFrame, *, coverage: float | None = None) -
     Parameters
     ----------
     curve
-        :func:`kit.calibration.risk_coverage_curves` output.
+        :func:`kit.analysis.calibration.risk_coverage_curves` output.
     coverage
         Draw a dashed vertical rule at this coverage (e.g. the 80% of
         ``accuracy_at_80_coverage``).

@@ -64,8 +64,8 @@ the quoted form.
 
 Verdicts
 --------
-:func:`evaluate_rules` reads the long comparison frame (``kit.compare.compare_models`` /
-``kit.slices.slice_table`` rows, plus stage rows such as :func:`flip_rate_evidence` and
+:func:`evaluate_rules` reads the long comparison frame (``kit.analysis.compare.compare_models`` /
+``kit.analysis.slices.slice_table`` rows, plus stage rows such as :func:`flip_rate_evidence` and
 :func:`stage_evidence`) and gives one row per candidate and rule: ``pass`` when the whole
 CI lies inside the bound, ``fail`` when it lies wholly outside, ``inconclusive`` otherwise
 (with ``n_needed``), ``not measured`` when the evidence has no row for the metric and slice.
@@ -195,7 +195,7 @@ STAGE_METRICS: dict[str, StageMetric] = {
 #: ``recall`` of a set of gold labels is accuracy on the items with those labels, so a
 #: recall rule on a label-defined slice (``label_rarity``) reads the ``accuracy`` rows of
 #: that slice when the evidence has no ``recall`` rows: recall pooled over the slice's
-#: items, with the paired CI of :func:`kit.slices.slice_table`. The phrase "rare-label
+#: items, with the paired CI of :func:`kit.analysis.slices.slice_table`. The phrase "rare-label
 #: recall" means this; the registry's ``rare_label_recall`` (unweighted mean over the rare
 #: labels, no paired CI yet) is available through the structured form. Used when the
 #: scoring registry has no ``recall`` entry of its own.
@@ -471,7 +471,7 @@ def default_slice_vocabulary() -> dict[str, tuple[str, ...] | None]:
 
 def slice_vocabulary(slices_frame: pd.DataFrame) -> dict[str, tuple[str, ...]]:
     """Slice column -> values present, from a slices frame (``frozen/slices.parquet``)."""
-    from kit.slices import default_slice_columns
+    from kit.analysis.slices import default_slice_columns
 
     return {
         c: tuple(sorted(str(v) for v in slices_frame[c].dropna().unique()))
@@ -848,7 +848,7 @@ def _normalise(text: str) -> str:
 GRAMMAR_HINT = (
     "write e.g. 'JSON parse failures must stay under 0.5 percent', 'rare-label recall cannot "
     "drop by more than 1 point', 'accuracy may drop at most 2 percent relative', 'unsafe "
-    "compliance must not increase' (grammar: kit.budget module docstring), or give the "
+    "compliance must not increase' (grammar: kit.budget.grammar module docstring), or give the "
     "structured form (metric, slice, bound)"
 )
 
@@ -1143,7 +1143,7 @@ def budget_status(run_dir: str | Path) -> BudgetStatus:
 
     The path and hash of the budget at freeze time come from the run's manifest.
     """
-    from kit.freeze import BaselineManifest
+    from kit.stages.freeze import BaselineManifest
 
     run_dir = Path(run_dir)
     manifest = BaselineManifest.load(run_dir)
@@ -1203,10 +1203,10 @@ def flip_rate_evidence(
     kinds: Sequence[str] = ("right_to_wrong", "wrong_to_right"),
     confidence: float = 0.95,
 ) -> pd.DataFrame:
-    """Evidence rows for ``flip_rate`` from :func:`kit.compare.flip_table`.
+    """Evidence rows for ``flip_rate`` from :func:`kit.analysis.compare.flip_table`.
 
     ``flip_rate`` is the share of paired items whose outcome flipped (``kinds``: right->wrong
-    + wrong->right, as in :func:`kit.compare.noise_floor`), with a Wilson CI in
+    + wrong->right, as in :func:`kit.analysis.compare.noise_floor`), with a Wilson CI in
     ``value_ci_low/value_ci_high`` (and ``ci_low/ci_high``; there is no baseline value).
     """
     z = _z(confidence)
@@ -1403,7 +1403,7 @@ def evaluate_rules(
     evidence
         Long result frame (``model, slice, slice_value, metric, value`` + optional
         ``baseline_value, delta, ci_low, ci_high, n, value_ci_low, value_ci_high``):
-        :func:`kit.compare.compare_models` / :func:`kit.slices.slice_table` rows plus
+        :func:`kit.analysis.compare.compare_models` / :func:`kit.analysis.slices.slice_table` rows plus
         :func:`flip_rate_evidence` and :func:`stage_evidence` rows. One row per
         candidate, metric and slice; duplicates are an error.
     candidates
@@ -1464,7 +1464,7 @@ def _check_evidence(evidence: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise CompkitError(
             f"evidence lacks column(s) {missing}; expected the long result frame of "
-            "kit.compare.compare_models (model, slice, slice_value, metric, value, ...)"
+            "kit.analysis.compare.compare_models (model, slice, slice_value, metric, value, ...)"
         )
     frame = evidence.reindex(columns=[*dict.fromkeys([*evidence.columns, *EVIDENCE_OPTIONAL])])
     frame = frame.assign(slice_value=frame["slice_value"].astype(str))

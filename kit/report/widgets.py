@@ -1,7 +1,7 @@
 """Interactive explorer for notebooks: pick a candidate, a slice column and a metric.
 
-A thin wrapper: every number comes from :mod:`kit.drilldown` (compute) and every picture
-from :mod:`kit.charts.comparison`. Headless runs (papermill, CI, the CLI) never need this
+A thin wrapper: every number comes from :mod:`kit.stages.drilldown` (compute) and every picture
+from :mod:`kit.report.charts.comparison`. Headless runs (papermill, CI, the CLI) never need this
 module; ipywidgets is imported only when :func:`slice_explorer` is called.
 
 Example
@@ -21,7 +21,7 @@ from kit.errors import CompkitError, DependencyMissing
 if TYPE_CHECKING:
     import ipywidgets
 
-    from kit.drilldown import DrilldownTables
+    from kit.stages.drilldown import DrilldownTables
 
 ALL_VALUES = "(all values)"
 
@@ -55,17 +55,17 @@ def slice_explorer(
     k
         Most examples shown.
     tables, outcomes
-        Already computed :func:`kit.drilldown.drilldown_tables` /
-        :func:`kit.drilldown.load_run_outcomes` results (the notebook passes its own).
+        Already computed :func:`kit.stages.drilldown.drilldown_tables` /
+        :func:`kit.stages.drilldown.load_run_outcomes` results (the notebook passes its own).
 
     Returns
     -------
     ipywidgets.VBox
         ``children[0]`` holds the dropdowns, ``children[1]`` the chart and table outputs.
     """
-    from kit.candidates import stored_outputs
-    from kit.drilldown import drilldown_tables, load_run_outcomes, run_models, side_by_side
-    from kit.freeze import load_frozen
+    from kit.stages.candidates import stored_outputs
+    from kit.stages.drilldown import drilldown_tables, load_run_outcomes, run_models, side_by_side
+    from kit.stages.freeze import load_frozen
 
     w = _ipywidgets()
     frozen = load_frozen(run_dir)
@@ -99,7 +99,7 @@ def slice_explorer(
         return [ALL_VALUES, *sorted(dict.fromkeys(shown.astype(str)))]
 
     def draw(_: Any = None) -> None:
-        from kit.charts.comparison import slice_delta_chart
+        from kit.report.charts.comparison import slice_delta_chart
 
         rows = table[table["model"] == pick_model.value]
         chart_out.outputs = ()

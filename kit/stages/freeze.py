@@ -31,7 +31,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from kit import scoring
-from kit.budget import load_budget, slice_vocabulary
+from kit.budget.grammar import load_budget, slice_vocabulary
 from kit.environment import (
     OUTPUT_LIBRARIES,
     Hardware,

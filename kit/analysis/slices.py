@@ -1,6 +1,6 @@
 """Slice tables, CI-aware worst slices, and discovery of slices where flips concentrate.
 
-All statistics come from :mod:`kit.compare`; this module only decides which items form a
+All statistics come from :mod:`kit.analysis.compare`; this module only decides which items form a
 slice and how slices are ranked.
 
 Example
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from kit.compare import OVERALL, compare_models, metric_info
+from kit.analysis.compare import OVERALL, compare_models, metric_info
 from kit.errors import CompkitError
 
 #: Columns of a slices frame (``kit.evalset.derive_slices``) that are not slice columns.
@@ -97,14 +97,14 @@ def slice_table(
         label_rarity`` and the user columns). Items with a missing value (``label_rarity``
         of a non-classification item) belong to no value of that column.
     Others
-        As in :func:`kit.compare.compare_models`, which computes every number here.
+        As in :func:`kit.analysis.compare.compare_models`, which computes every number here.
 
     Returns
     -------
     DataFrame
-        :data:`kit.compare.RESULT_COLUMNS`: the overall rows, then one row per model,
+        :data:`kit.analysis.compare.RESULT_COLUMNS`: the overall rows, then one row per model,
         slice column, slice value and metric. One set of bootstrap resamples serves every
-        slice (see :func:`kit.compare.paired_bootstrap`).
+        slice (see :func:`kit.analysis.compare.paired_bootstrap`).
     """
     columns = (
         list(slice_columns) if slice_columns is not None else default_slice_columns(slices_frame)
@@ -170,7 +170,7 @@ def _flags(item_flags: pd.DataFrame | pd.Series, flag: str) -> pd.Series:
     else:
         if "item_id" not in item_flags.columns:
             raise CompkitError(
-                "item flags need an 'item_id' column (e.g. from kit.compare.item_flips)"
+                "item flags need an 'item_id' column (e.g. from kit.analysis.compare.item_flips)"
             )
         if "model" in item_flags.columns and item_flags["model"].nunique() > 1:
             raise CompkitError(
@@ -243,7 +243,7 @@ def discover_slices(
     Parameters
     ----------
     item_flags
-        One model's :func:`kit.compare.item_flips` rows (``flip == flag`` is the event), a
+        One model's :func:`kit.analysis.compare.item_flips` rows (``flip == flag`` is the event), a
         frame with ``item_id`` and a 0/1 column named ``flag``, or a 0/1 Series by item id.
     slices_frame
         Item table with ``id`` and the slice ``columns``; missing values form no slice.
