@@ -108,7 +108,7 @@ def _calibration(inputs: StageInputs) -> dict[str, Any]:
     cfg = load_study(inputs.study).calibration
     return {
         "run": str(inputs.run),
-        "confidence": cfg.confidence,
+        "confidence_source": cfg.confidence,
         "n_bins": cfg.n_bins,
         "coverage": cfg.coverage,
         "target_accuracy": cfg.target_accuracy,
@@ -462,9 +462,9 @@ def _selected(stages: Sequence[str] | None) -> list[str]:
 
 
 def _check_candidates(out: Path, s: Stage) -> None:
-    from kit.verdicts import judged_candidates
+    from kit.run import Run
 
-    if s.needs_candidates and _is_run_folder(out) and not judged_candidates(out):
+    if s.needs_candidates and _is_run_folder(out) and not Run.open(out).candidates():
         raise CompkitError(
             f"stage {s.name!r}: {out} has no candidate outputs; the study lists no "
             "candidates (or stage 'candidates' did not run): stages 3-7 compare candidates "

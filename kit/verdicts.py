@@ -1,23 +1,18 @@
 """Stage 7 compute: gather the stages' evidence, judge the frozen budget, write ``verdict.json``.
 
-The budget rules (:mod:`kit.budget.grammar`) are judged on one long evidence frame built from the
-tables the earlier stages wrote under ``runs/NAME/tables/``. Each source is registered in
-:data:`EVIDENCE_SOURCES` with the stage that writes it; a table that is not there yet is
-simply absent from the evidence, so rules on its metrics come out ``not measured``, never
-passed.
+Every stage writes its evidence as a table of :data:`kit.analysis.compare.RESULT_COLUMNS`
+rows under ``tables/``; which table holds which metric is declared once, in
+:data:`kit.metrics.METRICS` (``table``). :func:`gather_evidence` reads the tables present;
+a stage that has not run leaves its metrics out, so rules on them are ``not measured``,
+never passed. Two tables giving the same model, metric and slice is an error: every number
+has one source.
 
-===================  ==============================  ===================================
-source               table                           rows
-===================  ==============================  ===================================
-``slices``           ``slice_table.parquet`` (3)     overall + per-slice deltas, paired CIs
-``flips``            ``flips.parquet`` (3)           ``flip_rate`` with a Wilson CI
-``calibration``      ``calibration_comparison`` (4)  ECE / Brier / abstention deltas
-===================  ==============================  ===================================
-
-:func:`judge_run` evaluates the run's FROZEN budget copy (:func:`kit.budget.grammar.load_frozen_budget`)
-for every candidate with stored outputs and writes ``verdict.json`` (:class:`VerdictReport`:
-decisions, verdict rows, budget banner, evidence files, provenance) and
-``tables/verdicts.parquet``. The memo (:mod:`kit.report.memo`) and ``compkit gate`` only read them.
+:func:`judge_run` evaluates the run's FROZEN budget copy for every candidate with stored
+outputs, at the study's ``confidence``, and writes ``verdict.json`` (:class:`VerdictReport`:
+decisions, verdict rows, the budget banner, the evidence files and their hashes, provenance)
+and ``tables/verdicts.parquet``. The memo (:mod:`kit.report.memo`) and ``compkit gate`` only
+read them. A run frozen without a budget is judged as an evidence report: no rules, no
+decisions, and a report that says so.
 
 Example
 -------
@@ -29,152 +24,103 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from kit.budget.grammar import (
-    DECISION_COLUMNS,
-    EVIDENCE_OPTIONAL,
-    EVIDENCE_REQUIRED,
-    VERDICT_COLUMNS,
-    BudgetStatus,
-    budget_status,
-    decide,
-    evaluate_rules,
-    flip_rate_evidence,
-    load_frozen_budget,
-    metric_spec,
-)
+from kit.analysis.compare import RESULT_COLUMNS
+from kit.budget.frozen import BudgetStatus, budget_status, load_frozen_budget
+from kit.budget.judge import DECISION_COLUMNS, VERDICT_COLUMNS, decide, evaluate_rules
 from kit.environment import KitInfo
 from kit.errors import CompkitError
+from kit.metrics import METRICS
+from kit.run import Run
 
 VERDICT_FILE = "verdict.json"
-VERDICT_TABLE = "tables/verdicts.parquet"
-SCHEMA_VERSION = 1
+VERDICT_TABLE = "verdicts"
+SCHEMA_VERSION = 2
 Decision = Literal["accepted", "rejected", "inconclusive"]
-#: ``compkit gate`` exit code per decision (2 is a missing or unfinished run).
+#: ``compkit gate`` exit code per decision (2 is a missing, unfinished or unjudgeable run).
 GATE_EXIT_CODES: dict[str, int] = {"accepted": 0, "rejected": 1, "inconclusive": 3}
-#: Columns of :func:`gather_evidence` (``source`` names the :data:`EVIDENCE_SOURCES` entry).
-EVIDENCE_COLUMNS = [*EVIDENCE_REQUIRED, *EVIDENCE_OPTIONAL, "p_value", "source"]
+#: Columns of :func:`gather_evidence` (``source`` names the table).
+EVIDENCE_COLUMNS = [*RESULT_COLUMNS, "source"]
 _KEY = ["model", "metric", "slice", "slice_value"]
+#: How rules combine, in the words the memo prints.
+COMBINATION = (
+    "A candidate is accepted only when every rule passes: an intersection-union test, so the "
+    "chance of accepting a candidate that truly breaks any rule stays at most {tail}% "
+    "without a correction for the number of rules. It is rejected when any rule fails; each "
+    "rule's chance of failing a candidate that truly meets it is at most {tail}%."
+)
 
 
 # --------------------------------------------------------------------------- evidence
 
 
-def _as_is(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame
-
-
-def _flip_rates(flips: pd.DataFrame) -> pd.DataFrame:
-    if flips.empty:
-        return flips.iloc[0:0]
-    metrics = list(dict.fromkeys(flips["metric"])) if "metric" in flips.columns else []
-    if len(metrics) > 1:  # flip_rate is about the headline binary metric
-        flips = flips[flips["metric"] == ("accuracy" if "accuracy" in metrics else metrics[0])]
-    return flip_rate_evidence(flips)
-
-
-@dataclass(frozen=True)
-class EvidenceSource:
-    """A table under ``tables/`` that supplies evidence rows, and the stage writing it."""
-
-    name: str
-    stage: str
-    table: str
-    description: str
-    rows: Callable[[pd.DataFrame], pd.DataFrame] = _as_is
-
-
-#: Evidence tables in priority order: when two give a row for the same model, metric and
-#: slice, the earlier one wins. A later stage (serving, routing) adds its entry here.
-EVIDENCE_SOURCES: tuple[EvidenceSource, ...] = (
-    EvidenceSource(
-        "slices",
-        "drilldown",
-        "slice_table.parquet",
-        "overall and per-slice deltas with paired bootstrap CIs (kit.analysis.slices.slice_table)",
-    ),
-    EvidenceSource(
-        "flips",
-        "drilldown",
-        "flips.parquet",
-        "flip rate right->wrong + wrong->right with a Wilson CI (kit.budget.grammar.flip_rate_evidence)",
-        _flip_rates,
-    ),
-    EvidenceSource(
-        "calibration",
-        "calibration",
-        "calibration_comparison.parquet",
-        "calibration and abstention deltas with paired bootstrap CIs",
-    ),
-)
+def evidence_tables() -> list[str]:
+    """The evidence tables of every registered metric, in registry (pipeline) order."""
+    return list(dict.fromkeys(spec.table for spec in METRICS.values()))
 
 
 class EvidenceFile(BaseModel):
-    """One evidence table as read for a verdict (``present=False``: stage not run yet)."""
+    """One evidence table as read for a verdict (``present=False``: its stage has not run)."""
 
     model_config = ConfigDict(frozen=True)
-    source: str
-    stage: str
+    table: str
     path: str
     present: bool
     rows: int = 0
     sha256: str | None = None
 
 
-def _read_evidence(run_dir: Path) -> tuple[pd.DataFrame, list[EvidenceFile]]:
+def _read_evidence(run: Run) -> tuple[pd.DataFrame, list[EvidenceFile]]:
     frames, files = [], []
-    for src in EVIDENCE_SOURCES:
-        path = run_dir / "tables" / src.table
+    for name in evidence_tables():
+        path = run.table_path(name)
         if not path.is_file():
-            files.append(
-                EvidenceFile(source=src.name, stage=src.stage, path=str(path), present=False)
-            )
+            files.append(EvidenceFile(table=name, path=str(path), present=False))
             continue
         data = path.read_bytes()
-        rows = src.rows(pd.read_parquet(path))
+        frame = pd.read_parquet(path)
+        frame = frame[frame["metric"].map(lambda m, t=name: m in METRICS and METRICS[m].table == t)]
         files.append(
             EvidenceFile(
-                source=src.name,
-                stage=src.stage,
+                table=name,
                 path=str(path),
                 present=True,
-                rows=len(rows),
+                rows=len(frame),
                 sha256=hashlib.sha256(data).hexdigest(),
             )
         )
-        if len(rows):
-            frames.append(rows.reindex(columns=EVIDENCE_COLUMNS).assign(source=src.name))
+        if len(frame):
+            frames.append(frame.reindex(columns=RESULT_COLUMNS).assign(source=name))
     if not frames:
         return pd.DataFrame(columns=EVIDENCE_COLUMNS), files
     evidence = pd.concat(frames, ignore_index=True)
     evidence["slice_value"] = evidence["slice_value"].astype(str)
-    return evidence.drop_duplicates(_KEY, keep="first").reset_index(drop=True), files
+    dup = evidence.duplicated(_KEY, keep=False)
+    if dup.any():
+        first = evidence[dup].iloc[0]
+        raise CompkitError(
+            f"{run.root}: {first['metric']} on {first['slice']}={first['slice_value']} for "
+            f"{first['model']} comes from more than one table "
+            f"({sorted(set(evidence.loc[dup, 'source']))}); every number needs one source"
+        )
+    return evidence, files
 
 
-def gather_evidence(run_dir: str | Path) -> pd.DataFrame:
-    """The long evidence frame :func:`kit.budget.grammar.evaluate_rules` judges, from a run's tables.
-
-    Reads every :data:`EVIDENCE_SOURCES` table present under ``run_dir/tables/``: the
-    drill-down's slice table (overall + slice rows), its flip table (as ``flip_rate`` rows)
-    and the calibration comparison. A stage that has not run leaves its metrics out, so
-    rules on them are ``not measured``. Where two tables give the same model, metric and
-    slice, the earlier source wins.
+def gather_evidence(run: str | Path | Run) -> pd.DataFrame:
+    """The long evidence frame the budget is judged on, from a run's stage tables.
 
     Returns
     -------
     DataFrame
-        :data:`EVIDENCE_COLUMNS`: ``model, slice, slice_value, metric, value,
-        baseline_value, delta, ci_low, ci_high, n, value_ci_low, value_ci_high, p_value,
-        source``; empty (with these columns) when no stage table exists yet.
+        :data:`EVIDENCE_COLUMNS`; empty (with these columns) when no stage table exists yet.
     """
-    return _read_evidence(Path(run_dir))[0]
+    return _read_evidence(Run.open(run))[0]
 
 
 # --------------------------------------------------------------------------- report
@@ -196,31 +142,33 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 class VerdictRow(BaseModel):
-    """One rule judged for one candidate (:data:`kit.budget.grammar.VERDICT_COLUMNS`)."""
+    """One rule judged for one candidate (:data:`kit.budget.judge.VERDICT_COLUMNS`)."""
 
     model_config = ConfigDict(frozen=True)
     candidate: str
+    rule_id: str = ""
     rule: str
+    why: str | None = None
     metric: str
     slice: str
+    quantity: str = "value"
+    op: str = "<="
+    threshold: float | None = None
+    unit: str = "share"
     observed: float | None = None
     baseline: float | None = None
-    threshold: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
     n: float | None = None
+    method: str | None = None
+    confidence: float = 0.95
     verdict: Literal["pass", "fail", "inconclusive", "not measured"]
     reason: str
     n_needed: float | None = None
-    rule_id: str = ""
-    why: str | None = None
-    quantity: str = "value"
-    op: str = "<="
-    unit: str = "share"
 
 
 class DecisionRow(BaseModel):
-    """One candidate's decision (:data:`kit.budget.grammar.DECISION_COLUMNS`) and the rules behind it."""
+    """One candidate's decision (:data:`kit.budget.judge.DECISION_COLUMNS`) and its rules."""
 
     model_config = ConfigDict(frozen=True)
     candidate: str
@@ -236,7 +184,7 @@ class DecisionRow(BaseModel):
 
 
 class BudgetBanner(BaseModel):
-    """:class:`kit.budget.grammar.BudgetStatus` as stored: did the budget change after freezing?"""
+    """:class:`kit.budget.frozen.BudgetStatus` as stored: did the budget change after freezing?"""
 
     model_config = ConfigDict(frozen=True)
     frozen_path: str | None
@@ -275,7 +223,11 @@ class RuleRow(BaseModel):
 
 
 class VerdictReport(BaseModel):
-    """The typed contents of ``verdict.json``."""
+    """The typed contents of ``verdict.json``.
+
+    ``judged`` is False for a run frozen without a budget: an evidence report with no rules
+    and no decisions, which ``compkit gate`` refuses to gate.
+    """
 
     model_config = ConfigDict(frozen=True)
     schema_version: int = SCHEMA_VERSION
@@ -286,6 +238,8 @@ class VerdictReport(BaseModel):
     candidates: list[str]
     created_at: str
     confidence: float = 0.95
+    judged: bool = True
+    combination: str = ""
     decisions: list[DecisionRow]
     verdicts: list[VerdictRow]
     rules: list[RuleRow] = []
@@ -309,20 +263,25 @@ class VerdictReport(BaseModel):
             raise CompkitError(f"{path}: unreadable verdict file: {exc}") from exc
 
     def verdicts_frame(self) -> pd.DataFrame:
-        """The verdict rows as :func:`kit.budget.grammar.evaluate_rules` returned them."""
+        """The verdict rows as :func:`kit.budget.judge.evaluate_rules` returned them."""
         frame = pd.DataFrame([r.model_dump() for r in self.verdicts], columns=VERDICT_COLUMNS)
         numeric = ["observed", "baseline", "threshold", "ci_low", "ci_high", "n", "n_needed"]
         frame[numeric] = frame[numeric].astype(float)
         return frame
 
     def decisions_frame(self) -> pd.DataFrame:
-        """One row per candidate: :data:`kit.budget.grammar.DECISION_COLUMNS`."""
+        """One row per candidate: :data:`kit.budget.judge.DECISION_COLUMNS`."""
         return pd.DataFrame([d.model_dump() for d in self.decisions]).reindex(
             columns=DECISION_COLUMNS
         )
 
     def decision(self, candidate: str | None = None) -> Decision:
         """The gate's decision: one candidate's, or over all candidates (:func:`gate_decision`)."""
+        if not self.judged:
+            raise CompkitError(
+                f"{self.run} was frozen without a budget: the memo is an evidence report and "
+                "there is no decision to gate; add `budget:` to the study and freeze a new run"
+            )
         return gate_decision(self.decisions_frame(), candidate=candidate)
 
 
@@ -367,50 +326,53 @@ def _decision_rows(verdicts: pd.DataFrame, decisions: pd.DataFrame) -> list[Deci
     return rows
 
 
-def _hashes(run_dir: Path, manifest: Any) -> dict[str, str | None]:
+def _hashes(run: Run) -> dict[str, str | None]:
+    inputs = run.manifest.inputs
     return {
-        "manifest.json": hashlib.sha256((run_dir / "manifest.json").read_bytes()).hexdigest(),
-        "eval_set": manifest.inputs.eval_set_sha256,
-        "prompt_template": manifest.inputs.template_sha256,
-        "study": manifest.inputs.study_sha256,
-        "budget": manifest.inputs.budget_sha256,
-        "baseline_weights": manifest.model.get("weights_sha256"),
+        "manifest.json": hashlib.sha256((run.root / "manifest.json").read_bytes()).hexdigest(),
+        "eval_set": inputs.eval_set_sha256,
+        "prompt_template": inputs.template_sha256,
+        "study": inputs.study_sha256,
+        "budget": inputs.budget_sha256,
+        "baseline_weights": run.manifest.model.get("weights_sha256"),
     }
 
 
 def build_report(
-    run_dir: str | Path,
+    run: str | Path | Run,
     *,
     verdicts: pd.DataFrame,
     decisions: pd.DataFrame,
     status: BudgetStatus,
     rules: pd.DataFrame | None = None,
     evidence: Sequence[EvidenceFile] = (),
-    confidence: float = 0.95,
+    candidates: Sequence[str] | None = None,
 ) -> VerdictReport:
     """A :class:`VerdictReport` for a frozen run from verdict and decision frames.
 
     Provenance (kit version + git sha, manifest hashes, time) is filled in here.
     """
     from kit.environment import kit_info
-    from kit.stages.freeze import BaselineManifest
     from kit.store import now_iso
 
-    run_dir = Path(run_dir)
-    manifest = BaselineManifest.load(run_dir)
+    run = Run.open(run)
+    tail = round((1 - run.confidence) / 2 * 100, 2)
+    judged = status.frozen_path is not None
     return VerdictReport(
-        run=str(run_dir.resolve()),
-        study=manifest.study,
-        baseline=manifest.outputs.model,
-        candidates=list(dict.fromkeys(decisions["candidate"])),
+        run=str(run.root.resolve()),
+        study=run.manifest.study,
+        baseline=run.baseline,
+        candidates=list(candidates or dict.fromkeys(decisions["candidate"])),
         created_at=now_iso(),
-        confidence=confidence,
+        confidence=run.confidence,
+        judged=judged,
+        combination=COMBINATION.format(tail=f"{tail:g}") if judged else "",
         decisions=_decision_rows(verdicts, decisions),
         verdicts=[VerdictRow(**r) for r in _records(verdicts[VERDICT_COLUMNS])],
         rules=[RuleRow(**r) for r in _records(rules)] if rules is not None else [],
         budget=BudgetBanner.from_status(status),
         evidence=list(evidence),
-        hashes=_hashes(run_dir, manifest),
+        hashes=_hashes(run),
         kit=kit_info(),
     )
 
@@ -423,32 +385,23 @@ class Judgement(NamedTuple):
     status: BudgetStatus
 
 
-def judged_candidates(run_dir: str | Path) -> list[str]:
-    """Candidates with stored outputs (``outputs/<name>/`` other than the baseline)."""
-    from kit.stages.drilldown import run_models
-
-    return run_models(run_dir)[1]
-
-
 def judge_run(
-    run_dir: str | Path,
+    run: str | Path | Run,
     *,
     candidates: Sequence[str] | None = None,
-    confidence: float = 0.95,
     write: bool = True,
 ) -> Judgement:
     """Judge every candidate of a run against its frozen budget; write the verdict.
 
+    Every interval (the stages' and the judge's) has the study's ``confidence``.
+
     Parameters
     ----------
-    run_dir
-        A frozen run folder with candidate outputs (stage 2) and, for measured rules, the
-        drill-down (stage 3) and calibration (stage 4) tables.
+    run
+        A frozen run folder (or :class:`~kit.run.Run`) with candidate outputs (stage 2) and
+        the stage tables of the measured rules.
     candidates
         Default: every candidate with stored outputs.
-    confidence
-        CI level of the intervals computed while judging (Wilson); the stage tables' CIs
-        are 95% by default.
     write
         Write ``verdict.json`` (:class:`VerdictReport`) and ``tables/verdicts.parquet``
         (atomically).
@@ -456,154 +409,37 @@ def judge_run(
     Returns
     -------
     Judgement
-        ``(verdicts, decisions, status)``: the :func:`kit.budget.grammar.evaluate_rules` frame,
-        the :func:`kit.budget.grammar.decide` frame and the :class:`kit.budget.grammar.BudgetStatus`
-        (the budget always comes from the frozen copy; ``status.changed`` says whether
-        the file was edited since).
+        ``(verdicts, decisions, status)``. A run frozen without a budget gives empty verdicts
+        and decisions, and a report with ``judged=False``.
 
     Raises
     ------
     CompkitError
-        Not a frozen run, frozen without a budget, frozen copy edited by hand, or no
-        candidate outputs.
+        Not a frozen run, frozen copy edited by hand, no candidate outputs, or evidence
+        computed at another confidence level.
     """
-    from kit.store import atomic_write_bytes, atomic_write_text
+    from kit.store import atomic_write_text
 
-    run_dir = Path(run_dir)
-    status = budget_status(run_dir)
-    if status.frozen_path is None:
-        raise CompkitError(
-            f"{status.message}; add `budget:` to the study and freeze into a new run folder"
-        )
-    budget = load_frozen_budget(run_dir)
-    names = list(candidates) if candidates is not None else judged_candidates(run_dir)
+    run = Run.open(run)
+    status = budget_status(run)
+    names = list(candidates) if candidates is not None else run.candidates()
     if not names:
-        raise CompkitError(f"{run_dir}: no candidate outputs to judge (run stage 2 first)")
-    evidence, files = _read_evidence(run_dir)
-    verdicts = evaluate_rules(budget, evidence=evidence, candidates=names, confidence=confidence)
-    decisions = decide(verdicts)
+        raise CompkitError(f"{run.root}: no candidate outputs to judge (run stage 2 first)")
+    evidence, files = _read_evidence(run)
+    if status.frozen_path is None:
+        verdicts = pd.DataFrame(columns=VERDICT_COLUMNS)
+        decisions, rules = pd.DataFrame(columns=DECISION_COLUMNS), None
+    else:
+        budget = load_frozen_budget(run)
+        verdicts = evaluate_rules(
+            budget, evidence=evidence, candidates=names, confidence=run.confidence
+        )
+        decisions, rules = decide(verdicts), budget.frame()
     if write:
         report = build_report(
-            run_dir,
-            verdicts=verdicts,
-            decisions=decisions,
-            status=status,
-            rules=budget.frame(),
-            evidence=files,
-            confidence=confidence,
+            run, verdicts=verdicts, decisions=decisions, status=status, rules=rules,
+            evidence=files, candidates=names,
         )
-        atomic_write_bytes(run_dir / VERDICT_TABLE, verdicts.to_parquet(index=False))
-        atomic_write_text(run_dir / VERDICT_FILE, report.model_dump_json(indent=2) + "\n")
+        run.write_table(VERDICT_TABLE, verdicts)
+        atomic_write_text(run.root / VERDICT_FILE, report.model_dump_json(indent=2) + "\n")
     return Judgement(verdicts, decisions, status)
-
-
-# --------------------------------------------------------------------------- caveats
-
-MDE_COLUMNS = [
-    "candidate",
-    "rule",
-    "metric",
-    "slice",
-    "n",
-    "tolerance",
-    "discordant_rate",
-    "mde",
-    "underpowered",
-    "message",
-]
-
-
-def _tolerance(row: Mapping[str, Any]) -> float:
-    """The drop a change rule tolerates on the metric's 0-1 scale (NaN: not applicable)."""
-    threshold = row["threshold"]
-    if row["quantity"] == "change" and threshold is not None and abs(threshold) > 0:
-        return abs(float(threshold))
-    base = row.get("baseline")
-    if row["quantity"] == "relative change" and base is not None and math.isfinite(base):
-        return abs(float(threshold)) * abs(float(base)) or math.nan
-    return math.nan
-
-
-def sample_size_caveats(
-    verdicts: pd.DataFrame,
-    slice_rows: pd.DataFrame,
-    *,
-    flips: pd.DataFrame | None = None,
-    discordant_rate: float = 0.1,
-) -> pd.DataFrame:
-    """Minimum detectable effect of every change rule on a share metric.
-
-    For each verdict row whose rule bounds the change (points or relative) of a scoring
-    metric, :func:`kit.analysis.compare.mde_warnings` on the evidence row of the rule's slice: the
-    smallest drop the paired items can detect (alpha 0.05, power 0.8) against the drop the
-    rule tolerates. ``underpowered`` rows are the memo's sample-size warnings.
-
-    Parameters
-    ----------
-    verdicts
-        :func:`kit.budget.grammar.evaluate_rules` rows.
-    slice_rows
-        :func:`kit.analysis.slices.slice_table` rows (``tables/slice_table.parquet``).
-    flips
-        :func:`kit.analysis.compare.flip_table` rows; their discordant rate replaces
-        ``discordant_rate`` where available.
-
-    Returns
-    -------
-    DataFrame
-        :data:`MDE_COLUMNS`: ``candidate, rule, metric, slice, n, tolerance,
-        discordant_rate, mde, underpowered, message`` (``mde`` is ``inf`` when no drop is
-        detectable with ``n`` items).
-    """
-    from kit.analysis.compare import mde_warnings
-
-    out = []
-    for row in _records(verdicts):
-        if row["quantity"] not in ("change", "relative change"):
-            continue
-        if metric_spec(row["metric"]).unit != "share" or row["metric"] == "flip_rate":
-            continue
-        tolerance = _tolerance(row)
-        if not math.isfinite(tolerance):
-            continue
-        column, value = ("overall", "all")
-        if row["slice"] != "overall":
-            column, _, value = row["slice"].partition("=")
-        metrics = [row["metric"], "accuracy"] if row["metric"] == "recall" else [row["metric"]]
-        for metric in metrics:
-            part = slice_rows[
-                (slice_rows["model"] == row["candidate"])
-                & (slice_rows["metric"] == metric)
-                & (slice_rows["slice"] == column)
-                & (slice_rows["slice_value"].astype(str) == value)
-            ]
-            if len(part):
-                break
-        if not len(part) or not (part["n"] >= 2).all():
-            continue
-        warn = mde_warnings(
-            part,
-            budgets={metric: tolerance},
-            flips=flips,
-            discordant_rate=discordant_rate,
-        ).iloc[0]
-        mde, n = float(warn["mde"]), int(warn["n"])
-        detects = f"drops of {mde * 100:.1f} points or more" if math.isfinite(mde) else "no drop"
-        out.append(
-            {
-                "candidate": row["candidate"],
-                "rule": row["rule"],
-                "metric": row["metric"],
-                "slice": row["slice"],
-                "n": n,
-                "tolerance": tolerance,
-                "discordant_rate": float(warn["discordant_rate"]),
-                "mde": mde,
-                "underpowered": bool(warn["underpowered"]),
-                "message": (
-                    f"{row['slice']}: n={n} detects {detects} (80% power); "
-                    f"the rule tolerates {tolerance * 100:.1f} points"
-                ),
-            }
-        )
-    return pd.DataFrame(out, columns=MDE_COLUMNS)

@@ -141,7 +141,7 @@ def write_study(
 
 def build_judged_run(root: Path, **study_kwargs) -> Path:
     """Stages 1-4 and the verdict in process (no papermill); returns the run folder."""
-    from kit.analysis.calibration import write_calibration_tables
+    from kit.stages.calibration import write_calibration_tables
     from kit.stages.candidates import run_candidates
     from kit.stages.drilldown import write_drilldown_tables
     from kit.stages.freeze import freeze_baseline

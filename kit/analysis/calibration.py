@@ -53,28 +53,20 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from kit.analysis.compare import (
-    OVERALL,
-    RESULT_COLUMNS,
-    compare_models,
-    mcnemar_test,
-    paired_bootstrap,
-    weight_blocks,
-)
+from kit.analysis.compare import OVERALL, RESULT_COLUMNS, compare_models
 from kit.errors import CompkitError
 from kit.evalset import EvalItem
-from kit.scoring import METRICS, MetricInfo
+from kit.metrics import BOOTSTRAP_MIN_N
 from kit.scoring.normalize import fold
+from kit.stats.bootstrap import bca_quantiles, weight_blocks
 
 SOURCES = ("auto", "choice", "mean_token", "min_token", "verbalized", "reported")
 STRATEGIES = ("uniform", "quantile")
@@ -92,35 +84,10 @@ CHOICE_TASKS = ("classification", "multiple_choice")
 ABSTENTION_COLUMNS = ("not_found_correct", "hallucinated_field_rate", "admits_uncertainty")
 #: Metric names of :func:`abstention_metrics` / :func:`abstention_comparison`.
 ABSTENTION_METRICS = ("not_found_correct", "hallucinated_field_rate", "admits_uncertainty_rate")
-
-#: Registry of the metrics this stage adds; budget rules read direction from here
-#: (``hallucinated_field_rate`` and ``not_found_correct`` live in :data:`kit.scoring.METRICS`).
-#: ``aggregation`` names the function computing the metric: these are not per-item outcome
-#: columns, so :func:`kit.analysis.compare.compare_models` does not see them;
-#: :func:`calibration_comparison` / :func:`abstention_comparison` give their paired deltas.
-CALIBRATION_METRICS: dict[str, MetricInfo] = {
-    m.name: m
-    for m in [
-        MetricInfo(
-            "ece", "expected calibration error, uniform bins (0-1; 10 by default)", False, _CAL
-        ),
-        MetricInfo("ece_adaptive", "expected calibration error, equal-mass bins", False, _CAL),
-        MetricInfo("mce", "maximum calibration error over non-empty uniform bins", False, _CAL),
-        MetricInfo("brier", "mean squared error of confidence vs correctness", False, _CAL),
-        MetricInfo(
-            "accuracy_at_80_coverage",
-            "accuracy on the 80% most confident predictions (threshold rule)",
-            True,
-            _CAL,
-        ),
-        MetricInfo(
-            "admits_uncertainty_rate",
-            "share of items flagged admits_uncertainty whose answer says the context lacks it",
-            True,
-            "abstention_metrics",
-        ),
-    ]
-}
+#: Metric name of the accuracy at the study's coverage (the coverage is a parameter).
+COVERAGE_METRIC = "accuracy_at_coverage"
+#: Groups of the grouped jackknife behind the BCa acceleration of binned statistics.
+JACKKNIFE_GROUPS = 20
 
 # --------------------------------------------------------------------------- verbalized
 
@@ -264,9 +231,9 @@ def missing_confidence(
         ``*by, n, with_confidence, missing, missing_share``.
     """
     usable = conf_frame["confidence"].notna() & conf_frame["correct"].notna()
-    frame = conf_frame.assign(_usable=usable)
+    frame = conf_frame.assign(usable_predictions=usable)
     out = (
-        frame.groupby(list(by), sort=True, dropna=False)["_usable"]
+        frame.groupby(list(by), sort=True, dropna=False)["usable_predictions"]
         .agg(n="size", with_confidence="sum")
         .reset_index()
     )
@@ -497,30 +464,10 @@ def threshold_for_accuracy(y: ArrayLike, p: ArrayLike, *, target: float = 0.9) -
     )
 
 
-def coverage_metric(coverage: float) -> str:
-    """Metric name of accuracy at a coverage: ``0.8 -> "accuracy_at_80_coverage"``."""
-    return f"accuracy_at_{round(coverage * 100):d}_coverage"
-
-
-def calibration_metric_info(name: str) -> MetricInfo:
-    """Registry entry of a calibration, abstention or scoring metric (direction for rules)."""
-    if name in CALIBRATION_METRICS:
-        return CALIBRATION_METRICS[name]
-    m = re.fullmatch(r"accuracy_at_(\d+)_coverage", name)
-    if m:
-        return MetricInfo(name, f"accuracy on the {m[1]}% most confident predictions", True, _CAL)
-    if name in METRICS:
-        return METRICS[name]
-    raise CompkitError(
-        f"metric {name!r} is not registered (calibration: {sorted(CALIBRATION_METRICS)}; "
-        f"scoring: {sorted(METRICS)})"
-    )
-
-
 # --------------------------------------------------------------------------- tidy per-group tables
 
 
-def _usable(conf_frame: pd.DataFrame) -> pd.DataFrame:
+def usable_predictions(conf_frame: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in ("model", "item_id", "confidence", "correct") if c not in conf_frame]
     if missing:
         raise CompkitError(
@@ -554,7 +501,7 @@ def _metric_values(y: np.ndarray, p: np.ndarray, *, n_bins: int, coverage: float
         "brier": brier(y, p),
     }
     if coverage is not None:
-        values[coverage_metric(coverage)] = accuracy_at_coverage(y, p, coverage=coverage)
+        values[COVERAGE_METRIC] = accuracy_at_coverage(y, p, coverage=coverage)
     return values
 
 
@@ -582,7 +529,7 @@ def calibration_metrics(
         ``*by, metric, value, n`` with ``n`` the predictions that have a confidence.
     """
     rows = []
-    for key, y, p in _grouped(_usable(conf_frame), by):
+    for key, y, p in _grouped(usable_predictions(conf_frame), by):
         for metric, value in _metric_values(y, p, n_bins=n_bins, coverage=coverage).items():
             rows.append({**key, "metric": metric, "value": value, "n": int(y.size)})
     return pd.DataFrame(rows, columns=[*by, "metric", "value", "n"])
@@ -630,7 +577,7 @@ def reliability_bins(
         ``model, slice, slice_value, strategy`` + :data:`BIN_COLUMNS`, with the rows over
         every item as ``slice="overall", slice_value="all"``; empty bins omitted.
     """
-    frame = _with_slices(_usable(conf_frame), slices_frame, slice_columns)
+    frame = _with_slices(usable_predictions(conf_frame), slices_frame, slice_columns)
     parts = []
     for slice_name, slice_value, part in _slice_parts(frame, slice_columns):
         for key, y, p in _grouped(part, ["model"]):
@@ -674,7 +621,7 @@ def confidence_buckets(
         for i, (lo, hi) in enumerate(itertools.pairwise(e))
     ]
     rows = []
-    for key, y, p in _grouped(_usable(conf_frame), ["model"]):
+    for key, y, p in _grouped(usable_predictions(conf_frame), ["model"]):
         idx = np.clip(np.searchsorted(e, p, side="right") - 1, 0, e.size - 2)
         n = np.bincount(idx, minlength=e.size - 1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -712,7 +659,10 @@ def risk_coverage_curves(
     conf_frame: pd.DataFrame, *, by: Sequence[str] = ("model",)
 ) -> pd.DataFrame:
     """:func:`risk_coverage` per group: ``*by, coverage, risk, accuracy, threshold, n``."""
-    parts = [risk_coverage(y, p).assign(**key) for key, y, p in _grouped(_usable(conf_frame), by)]
+    parts = [
+        risk_coverage(y, p).assign(**key)
+        for key, y, p in _grouped(usable_predictions(conf_frame), by)
+    ]
     columns = [*by, "coverage", "risk", "accuracy", "threshold", "n"]
     return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
 
@@ -735,7 +685,7 @@ def selective_table(
         ``coverage_left = 0``).
     """
     rows = []
-    for key, y, p in _grouped(_usable(conf_frame), by):
+    for key, y, p in _grouped(usable_predictions(conf_frame), by):
         pick = threshold_for_accuracy(y, p, target=target_accuracy)
         rows.append(
             {
@@ -853,7 +803,7 @@ def _weighted_metrics(
             "brier": (w @ (d * d)) / total,
         }
         if coverage is not None:
-            out[coverage_metric(coverage)] = _weighted_accuracy_at(s, w, cw, total, coverage)
+            out[COVERAGE_METRIC] = _weighted_accuracy_at(s, w, cw, total, coverage)
     empty = total <= 0
     for values in out.values():
         values[empty] = np.nan
@@ -975,7 +925,7 @@ def calibration_comparison(
         _needed(coverage, 1)
     if not 0 < confidence < 1:
         raise CompkitError(f"confidence (CI level) must be in (0, 1), got {confidence}")
-    frame = _with_slices(_usable(conf_frame), slices_frame, slice_columns)
+    frame = _with_slices(usable_predictions(conf_frame), slices_frame, slice_columns)
     models = _candidates(frame, baseline=baseline, candidates=candidates)
     items = np.sort(frame.loc[frame["model"] == baseline, "item_id"].unique())
     index = {item: i for i, item in enumerate(items)}
@@ -990,7 +940,7 @@ def calibration_comparison(
         )
         for pr in pairs
     ]
-    deltas = _bootstrap_deltas(
+    stats = _bootstrap_stats(
         pairs,
         n_items=len(items),
         n_bins=n_bins,
@@ -999,7 +949,7 @@ def calibration_comparison(
         seed=seed,
         max_cells=max_cells,
     )
-    return _comparison_frame(pairs, points, deltas, confidence)
+    return _comparison_frame(pairs, points, stats, confidence, n_resamples)
 
 
 def _candidates(frame: pd.DataFrame, *, baseline: str, candidates) -> list[str]:
@@ -1021,7 +971,7 @@ def _candidates(frame: pd.DataFrame, *, baseline: str, candidates) -> list[str]:
     return chosen
 
 
-def _bootstrap_deltas(
+def _bootstrap_stats(
     pairs: list[_Pair],
     *,
     n_items: int,
@@ -1031,6 +981,8 @@ def _bootstrap_deltas(
     seed: int,
     max_cells: int,
 ) -> list[dict[str, np.ndarray]]:
+    """Per pair and metric: (R + G, 3) resampled (value, delta, relative change) rows, the
+    last G rows from the grouped jackknife (item groups left out in turn)."""
     if n_resamples < 1:
         raise CompkitError(f"n_resamples must be >= 1, got {n_resamples}")
     out: list[dict[str, np.ndarray]] = [{} for _ in pairs]
@@ -1038,14 +990,19 @@ def _bootstrap_deltas(
         return out
     rng = np.random.default_rng(seed)
     rows = max(max(pr.n for pr in pairs), n_items)
-    blocks = weight_blocks(
-        rng,
-        method="indices",
-        n_rows=n_items,
-        counts=np.ones(n_items, dtype=np.int64),
-        n_resamples=n_resamples,
-        max_cells=max(max_cells * n_items // rows, n_items),
+    blocks = list(
+        weight_blocks(
+            rng,
+            method="indices",
+            n_rows=n_items,
+            counts=np.ones(n_items, dtype=np.int64),
+            n_resamples=n_resamples,
+            max_cells=max(max_cells * n_items // rows, n_items),
+        )
     )
+    groups = np.arange(n_items) % min(JACKKNIFE_GROUPS, n_items)
+    blocks.append((groups[None, :] != np.arange(groups.max() + 1)[:, None]).astype(np.float64))
+    total = n_resamples + groups.max() + 1
     done = 0
     for weights in blocks:
         size = weights.shape[0]
@@ -1058,41 +1015,74 @@ def _bootstrap_deltas(
             base = cache[pr.base_key]
             cand = _weighted_metrics(pr.cand, weights, n_bins=n_bins, coverage=coverage)
             for metric, values in cand.items():
-                store.setdefault(metric, np.empty(n_resamples))[done : done + size] = (
-                    values - base[metric]
-                )
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rel = (values - base[metric]) / base[metric]
+                block = np.stack([values, values - base[metric], rel], axis=1)
+                store.setdefault(metric, np.empty((total, 3)))[done : done + size] = block
         done += size
     return out
 
 
+def _acceleration(jack: np.ndarray) -> np.ndarray:
+    """Jackknife acceleration per column (Efron 1987) from leave-group-out estimates."""
+    u = np.nanmean(jack, axis=0) - jack
+    s2 = np.nansum(u**2, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s2 > 0, np.nansum(u**3, axis=0) / (6 * s2**1.5), 0.0)
+
+
 def _comparison_frame(
-    pairs: list[_Pair], points: list, deltas: list[dict[str, np.ndarray]], confidence: float
+    pairs: list[_Pair],
+    points: list,
+    stats: list[dict[str, np.ndarray]],
+    confidence: float,
+    n_resamples: int,
 ) -> pd.DataFrame:
-    tail = (1 - confidence) / 2
     rows = []
-    for pr, (base, cand), boot in zip(pairs, points, deltas, strict=True):
+    for pr, (base, cand), boot in zip(pairs, points, stats, strict=True):
         for metric in cand:
-            d = boot[metric]
-            d = d[np.isfinite(d)]
-            low, high = np.quantile(d, [tail, 1 - tail]) if d.size else (math.nan, math.nan)
-            p_value = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))) if d.size else math.nan
             value, base_value = float(cand[metric][0]), float(base[metric][0])
-            rows.append(
-                (
-                    pr.model,
-                    pr.slice,
-                    pr.slice_value,
-                    metric,
-                    value,
-                    base_value,
-                    value - base_value,
-                    float(low),
-                    float(high),
-                    pr.n,
-                    float(p_value),
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rel = (value - base_value) / base_value if base_value else math.nan
+            point = np.array([value, value - base_value, rel])
+            reps, jack = boot[metric][:n_resamples], boot[metric][n_resamples:]
+            reps = np.where(np.isfinite(reps), reps, np.nan)
+            low, high = bca_quantiles(reps, point, _acceleration(jack), confidence)
+            d = reps[:, 1][np.isfinite(reps[:, 1])]
+            p_value = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))) if d.size else math.nan
+            note = ""
+            if pr.n < BOOTSTRAP_MIN_N:
+                low = high = np.full(3, np.nan)
+                note = (
+                    f"fewer than {BOOTSTRAP_MIN_N} paired predictions: a bootstrap interval "
+                    "is not trusted here"
                 )
+            rows.append(
+                {
+                    "model": pr.model,
+                    "slice": pr.slice,
+                    "slice_value": pr.slice_value,
+                    "metric": metric,
+                    "n": pr.n,
+                    "value": value,
+                    "value_ci_low": low[0],
+                    "value_ci_high": high[0],
+                    "baseline_value": base_value,
+                    "delta": value - base_value,
+                    "ci_low": low[1],
+                    "ci_high": high[1],
+                    "rel": rel,
+                    "rel_ci_low": low[2],
+                    "rel_ci_high": high[2],
+                    "p_value": float(p_value),
+                    "value_method": "bca_bootstrap",
+                    "delta_method": "bca_bootstrap",
+                    "rel_method": "bca_bootstrap",
+                    "confidence": confidence,
+                    "note": note,
+                }
             )
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
 
 
 # --------------------------------------------------------------------------- abstention
@@ -1241,16 +1231,15 @@ def abstention_comparison(
     *,
     baseline: str,
     candidates: Sequence[str] | str | None = None,
-    n_resamples: int = 1000,
+    n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Abstention metrics of each candidate minus the baseline (overall), paired CIs.
+    """``admits_uncertainty_rate`` of each candidate against the baseline (overall).
 
-    ``hallucinated_field_rate`` and ``not_found_correct`` go through
-    :func:`kit.analysis.compare.compare_models`; ``admits_uncertainty_rate`` through
-    :func:`kit.analysis.compare.paired_bootstrap` on per-item means, with McNemar's p-value when the
-    per-item values are 0/1 (NaN otherwise).
+    The per-item values go through :func:`kit.analysis.compare.compare_models` (score
+    intervals when they are 0/1). ``not_found_correct`` and ``hallucinated_field_rate`` are
+    item metrics of stage 3's slice table and are not repeated here.
 
     Parameters
     ----------
@@ -1262,225 +1251,16 @@ def abstention_comparison(
     DataFrame
         :data:`kit.analysis.compare.RESULT_COLUMNS` (``slice="overall"``).
     """
-    frames = []
-    scoring_cols = [c for c in ABSTENTION_COLUMNS[:2] if abstention[c].notna().any()]
-    if scoring_cols:
-        frames.append(
-            compare_models(
-                abstention,
-                baseline=baseline,
-                candidates=candidates,
-                metrics=scoring_cols,
-                n_resamples=n_resamples,
-                confidence=confidence,
-                seed=seed,
-            )
-        )
-    wide = (
-        abstention.dropna(subset=["admits_uncertainty"])
-        .groupby(["item_id", "model"])["admits_uncertainty"]
-        .mean()
-        .unstack("model")
-    )
-    if baseline in wide.columns and len(wide):
-        frames.append(_admits_comparison(wide, baseline, candidates, n_resamples, confidence, seed))
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
-
-
-def _admits_comparison(wide, baseline, candidates, n_resamples, confidence, seed) -> pd.DataFrame:
-    models = (
-        [m for m in wide.columns if m != baseline]
-        if candidates is None
-        else ([candidates] if isinstance(candidates, str) else list(candidates))
-    )
-    models = [m for m in models if m in wide.columns]
-    if not models:
+    table = abstention.dropna(subset=["admits_uncertainty"])
+    table = table.rename(columns={"admits_uncertainty": "admits_uncertainty_rate"})
+    if table.empty or not (table["model"] == baseline).any() or table["model"].nunique() < 2:
         return pd.DataFrame(columns=RESULT_COLUMNS)
-    base = wide[baseline].to_numpy(dtype=np.float64)
-    boot = paired_bootstrap(
-        base,
-        {m: wide[m].to_numpy(dtype=np.float64) for m in models},
+    return compare_models(
+        table,
+        baseline=baseline,
+        candidates=candidates,
+        metrics=["admits_uncertainty_rate"],
         n_resamples=n_resamples,
         confidence=confidence,
         seed=seed,
     )
-    p_values = []
-    for model in boot["candidate"]:
-        cand = wide[model].to_numpy(dtype=np.float64)
-        ok = ~np.isnan(base) & ~np.isnan(cand)
-        binary = np.isin(base[ok], (0.0, 1.0)).all() and np.isin(cand[ok], (0.0, 1.0)).all()
-        b = int(np.sum((base[ok] == 1) & (cand[ok] == 0)))
-        c = int(np.sum((base[ok] == 0) & (cand[ok] == 1)))
-        p_values.append(mcnemar_test(b, c).p_value if binary else math.nan)
-    boot["p_value"] = p_values
-    boot = boot.assign(metric="admits_uncertainty_rate").rename(columns={"candidate": "model"})
-    return boot[RESULT_COLUMNS]
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-@dataclass(frozen=True)
-class CalibrationTables:
-    """What :func:`write_calibration_tables` wrote (the frames and their paths)."""
-
-    baseline: str
-    source: str
-    confidence: pd.DataFrame
-    missing: pd.DataFrame
-    metrics: pd.DataFrame
-    comparison: pd.DataFrame
-    reliability: pd.DataFrame
-    buckets: pd.DataFrame
-    risk_coverage: pd.DataFrame
-    selective: pd.DataFrame
-    abstention: pd.DataFrame
-    paths: dict[str, Path]
-
-
-def _run_outcomes(run_dir: Path, frozen: Any) -> pd.DataFrame:
-    """Stage 2's ``outcomes.parquet``; scored the same way (kit.stages.candidates.score_run) if absent."""
-    path = run_dir / "outcomes.parquet"
-    if path.exists():
-        return pd.read_parquet(path)
-    from kit.stages.candidates import score_run
-
-    return score_run(frozen)
-
-
-def write_calibration_tables(
-    run_dir: str | Path,
-    *,
-    confidence: str = "auto",
-    n_bins: int = 10,
-    coverage: float = 0.8,
-    target_accuracy: float = 0.9,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    slice_columns: Sequence[str] | None = None,
-    check: bool = True,
-) -> CalibrationTables:
-    """Compute every calibration table of a run and write them under ``tables/``.
-
-    Reads the frozen run (:func:`kit.stages.freeze.load_frozen`), every model's stored outputs and
-    ``outcomes.parquet`` (scored here when stage 2 has not written it). Writes
-    ``calibration_metrics`` (per model; plus the abstention metrics), ``calibration_comparison``
-    (:data:`kit.analysis.compare.RESULT_COLUMNS` with CIs, calibration and abstention metrics, per
-    slice), ``reliability`` (per model x slice x bin, both strategies),
-    ``confidence_buckets``, ``risk_coverage``, ``selective``, ``abstention`` (per item) and
-    ``missing_confidence`` as parquet, and ``calibration.json`` (parameters, kit version,
-    git sha, time).
-
-    Parameters
-    ----------
-    confidence
-        Confidence source, one of :data:`SOURCES`.
-    slice_columns
-        Slice columns for the comparison and reliability tables; default
-        :func:`kit.analysis.slices.default_slice_columns` of ``frozen/slices.parquet``.
-    check
-        Call :func:`kit.stages.freeze.require_unchanged` first (the gate of every later stage).
-    """
-    from kit.analysis.slices import default_slice_columns
-    from kit.environment import kit_info
-    from kit.stages.candidates import stored_outputs
-    from kit.stages.freeze import load_frozen, require_unchanged
-    from kit.store import atomic_write_json, now_iso
-
-    run_dir = Path(run_dir)
-    if check:
-        require_unchanged(run_dir)
-    frozen = load_frozen(run_dir)
-    baseline = frozen.manifest.outputs.model
-    outputs = stored_outputs(run_dir)
-    outcomes = _run_outcomes(run_dir, frozen)
-    conf = confidence_frame(outputs, outcomes, source=confidence)
-    slices = frozen.slices()
-    columns = list(slice_columns) if slice_columns is not None else default_slice_columns(slices)
-    abstention = abstention_items(outcomes, frozen.eval_set, outputs=outputs)
-    metrics = pd.concat(
-        [
-            calibration_metrics(conf, n_bins=n_bins, coverage=coverage),
-            abstention_metrics(outcomes, frozen.eval_set, outputs=outputs),
-        ],
-        ignore_index=True,
-    )
-    usable = set(_usable(conf)["model"])
-    has_candidates = baseline in usable and len(usable) > 1
-    comparison = pd.concat(
-        [
-            calibration_comparison(
-                conf,
-                baseline=baseline,
-                slices_frame=slices,
-                slice_columns=columns,
-                n_bins=n_bins,
-                coverage=coverage,
-                n_resamples=n_resamples,
-                seed=seed,
-            )
-            if has_candidates
-            else pd.DataFrame(columns=RESULT_COLUMNS),
-            abstention_comparison(abstention, baseline=baseline, n_resamples=n_resamples, seed=seed)
-            if abstention["model"].nunique() > 1
-            else pd.DataFrame(columns=RESULT_COLUMNS),
-        ],
-        ignore_index=True,
-    )
-    tables = CalibrationTables(
-        baseline=baseline,
-        source=confidence,
-        confidence=conf,
-        missing=missing_confidence(conf),
-        metrics=metrics,
-        comparison=comparison,
-        reliability=reliability_bins(
-            conf, slices_frame=slices, slice_columns=columns, n_bins=n_bins
-        ),
-        buckets=confidence_buckets(conf),
-        risk_coverage=risk_coverage_curves(conf),
-        selective=selective_table(conf, coverage=coverage, target_accuracy=target_accuracy),
-        abstention=abstention,
-        paths={},
-    )
-    out = run_dir / "tables"
-    out.mkdir(exist_ok=True)
-    names = {
-        "calibration_metrics": tables.metrics,
-        "calibration_comparison": tables.comparison,
-        "reliability": tables.reliability,
-        "confidence_buckets": tables.buckets,
-        "risk_coverage": tables.risk_coverage,
-        "selective": tables.selective,
-        "abstention": tables.abstention,
-        "missing_confidence": tables.missing,
-    }
-    for name, frame in names.items():
-        tables.paths[name] = out / f"{name}.parquet"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            frame.to_parquet(tables.paths[name], index=False)
-    params = {
-        "confidence": confidence,
-        "n_bins": n_bins,
-        "coverage": coverage,
-        "target_accuracy": target_accuracy,
-        "n_resamples": n_resamples,
-        "seed": seed,
-        "slice_columns": columns,
-    }
-    tables.paths["provenance"] = out / "calibration.json"
-    atomic_write_json(
-        tables.paths["provenance"],
-        {
-            "kind": "compkit.calibration",
-            "created_at": now_iso(),
-            "kit": kit_info().model_dump(),
-            "baseline": baseline,
-            "models": sorted(conf["model"].astype(str).unique()),
-            "parameters": params,
-            "tables": {k: str(v.name) for k, v in tables.paths.items()},
-        },
-    )
-    return tables

@@ -3,9 +3,27 @@
 Every statistic here is *paired*: a candidate and the baseline are compared on the same
 items, so item difficulty cancels out and small real differences become visible.
 
-Results share one long shape (see ``docs``/ARCHITECTURE):
-``model, slice, slice_value, metric, value, baseline_value, delta, ci_low, ci_high, n, p_value``
-with ``slice="overall"``, ``slice_value="all"`` for the rows over every item.
+Results share one long shape, :data:`RESULT_COLUMNS` (the evidence the budget is judged on):
+per model, slice (``overall``/``all`` for every item), value and metric the number of paired
+items ``n``; the candidate's ``value`` with its interval; ``baseline_value``; the change
+``delta`` = value - baseline_value with its interval (``ci_low``, ``ci_high``); the relative
+change ``rel`` = delta / baseline_value with its interval; a ``p_value``; and the method
+behind each interval (``value_method``, ``delta_method``, ``rel_method``; see
+:data:`kit.stats.intervals.METHODS`), the counts they rest on and a ``note`` when an interval
+could not be formed.
+
+Intervals (chosen per metric, :mod:`kit.metrics`)
+-------------------------------------------------
+0/1 per item
+    Clopper–Pearson for the value, Tango's paired score interval (continuity-corrected) for
+    the change, Tang's paired ratio score interval (continuity-corrected) for the relative
+    change: closed forms from the counts ``n``, ``n_base_only`` (baseline 1, candidate 0)
+    and ``n_cand_only``. They hold their level at every n, including when no item changed.
+other values in [0, 1] (chrF, field shares, a 0/1 metric averaged over repeats)
+    the paired BCa bootstrap (:func:`kit.stats.bootstrap.paired_bootstrap`), only from
+    :data:`kit.metrics.BOOTSTRAP_MIN_N` paired items on (below, the intervals are NaN and
+    ``note`` says so); when no item's value changed, the change is bounded exactly by the
+    share of items that could have changed (:func:`kit.stats.bootstrap.zero_change_bound`).
 
 Repeats
 -------
@@ -31,33 +49,50 @@ Example
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.typing import ArrayLike
 
 from kit.errors import CompkitError
-from kit.scoring import COLUMN_METRIC, METRICS, MetricInfo, metric_columns
+from kit.metrics import BOOTSTRAP_MIN_N, MetricSpec
+from kit.metrics import metric as registered_metric
+from kit.scoring import metric_columns
+from kit.stats.bootstrap import paired_bootstrap, zero_change_bound
+from kit.stats.intervals import (
+    paired_difference_ci,
+    paired_ratio_ci,
+    proportion_ci,
+)
+from kit.stats.tests import mcnemar_test, paired_p_value
 
-#: The long result shape shared by compare, slices, budget rules, charts and the memo.
+#: The long result shape shared by compare, slices, the budget, charts and the memo.
 RESULT_COLUMNS = [
     "model",
     "slice",
     "slice_value",
     "metric",
+    "n",
     "value",
+    "value_ci_low",
+    "value_ci_high",
     "baseline_value",
     "delta",
     "ci_low",
     "ci_high",
-    "n",
+    "rel",
+    "rel_ci_low",
+    "rel_ci_high",
     "p_value",
+    "value_method",
+    "delta_method",
+    "rel_method",
+    "n_base_only",
+    "n_cand_only",
+    "confidence",
+    "note",
 ]
 #: Flip kinds of :func:`item_flips`, in display order.
 FLIP_KINDS = (
@@ -68,10 +103,7 @@ FLIP_KINDS = (
     "unchanged_wrong",
 )
 REPEAT_MODES = ("mean", "majority", "first")
-BOOTSTRAP_METHODS = ("auto", "counts", "indices", "poisson")
 OVERALL = ("overall", "all")
-#: Below this many discordant pairs McNemar uses the exact binomial test.
-MCNEMAR_EXACT_BELOW = 25
 _KEY = ["model", "item_id"]
 
 
@@ -122,21 +154,15 @@ def _as_list(by: str | Sequence[str] | None) -> list[str]:
     return [by] if isinstance(by, str) else list(by)
 
 
-def metric_info(metric: str) -> MetricInfo:
+def metric_info(name: str) -> MetricSpec:
     """Registry entry for a metric name or an outcome column name (``correct`` -> accuracy).
 
     Raises
     ------
     CompkitError
-        If the metric is not registered in :data:`kit.scoring.METRICS`.
+        If the metric is not registered in :data:`kit.metrics.METRICS`.
     """
-    name = COLUMN_METRIC.get(metric, metric)
-    if name not in METRICS:
-        raise CompkitError(
-            f"metric {metric!r} is not registered in kit.scoring.METRICS (known: {sorted(METRICS)}); "
-            "register it there so its direction (higher_is_better) is known"
-        )
-    return METRICS[name]
+    return registered_metric(name)
 
 
 def _metric_column(outcomes: pd.DataFrame, metric: str) -> str:
@@ -404,418 +430,6 @@ def _agreement(flips: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return flips.groupby(keys, sort=True)["agree"].agg(agreement="mean", n="size").reset_index()
 
 
-# --------------------------------------------------------------------------- McNemar
-
-
-@dataclass(frozen=True)
-class McNemarResult:
-    """McNemar's test on the discordant pairs of a paired binary outcome.
-
-    ``b``: baseline right, candidate wrong; ``c``: baseline wrong, candidate right.
-    ``method`` is ``"exact"`` (binomial; statistic = min(b, c)) or ``"chi2"``
-    (continuity-corrected chi-square statistic).
-    """
-
-    statistic: float
-    p_value: float
-    b: int
-    c: int
-    method: str
-
-
-def mcnemar_test(b: int, c: int, *, exact: bool | None = None) -> McNemarResult:
-    """Two-sided McNemar test from the two discordant counts.
-
-    Uses :func:`statsmodels.stats.contingency_tables.mcnemar`.
-
-    Parameters
-    ----------
-    b, c
-        Discordant counts (baseline right & candidate wrong; baseline wrong & candidate right).
-    exact
-        ``True``: exact binomial test (``exact=True``). ``False``: chi-square with
-        Edwards' continuity correction. ``None`` (default): exact when
-        ``b + c < MCNEMAR_EXACT_BELOW`` (25, the usual rule below which the chi-square
-        approximation is poor), otherwise the corrected chi-square, which tracks the exact
-        p-value closely from there on (b=15, c=10: 0.4244 exact vs 0.4237) and whose
-        statistic is the conventional one to report for large counts.
-
-    Examples
-    --------
-    >>> round(mcnemar_test(10, 2).p_value, 4)
-    0.0386
-    """
-    from statsmodels.stats.contingency_tables import mcnemar
-
-    b, c = int(b), int(c)
-    if b < 0 or c < 0:
-        raise CompkitError(f"McNemar counts must be >= 0, got b={b}, c={c}")
-    use_exact = (b + c < MCNEMAR_EXACT_BELOW) if exact is None else bool(exact)
-    if b + c == 0:
-        return McNemarResult(0.0, 1.0, b, c, "exact" if use_exact else "chi2")
-    result = mcnemar([[0, b], [c, 0]], exact=use_exact, correction=True)
-    return McNemarResult(
-        float(result.statistic), float(result.pvalue), b, c, "exact" if use_exact else "chi2"
-    )
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-@dataclass
-class _Grouping:
-    """One slice column: sorted labels and a code per item (-1 = missing)."""
-
-    name: str
-    labels: list[Any]
-    codes: np.ndarray
-
-
-@dataclass
-class _Layout:
-    """A grouping over the bootstrap rows: contiguous [start, end) per label in ``design``."""
-
-    bounds: list[tuple[int, int]]
-    order: np.ndarray | None  # permutation sorting the rows by label (None: already sorted)
-    design: np.ndarray  # the design rows in that order
-
-
-def _groupings(groups: Mapping[str, ArrayLike] | None, n: int) -> list[_Grouping]:
-    out = []
-    for name, values in (groups or {}).items():
-        values = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
-        if len(values) != n:
-            raise CompkitError(f"group column {name!r} has {len(values)} values for {n} items")
-        codes, labels = pd.factorize(pd.Series(values), sort=True)
-        out.append(_Grouping(str(name), list(labels), codes.astype(np.int64)))
-    return out
-
-
-def _layout(codes: np.ndarray, n_labels: int, design: np.ndarray) -> _Layout:
-    order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    labels = np.arange(n_labels)
-    starts = np.searchsorted(sorted_codes, labels, side="left").tolist()
-    ends = np.searchsorted(sorted_codes, labels, side="right").tolist()
-    bounds = list(zip(starts, ends, strict=True))
-    if np.array_equal(order, np.arange(codes.size)):
-        return _Layout(bounds, None, design)
-    return _Layout(bounds, order, design[order])
-
-
-def _paired_design(base: np.ndarray, cands: np.ndarray) -> np.ndarray:
-    """(rows, 3k): per candidate the pair indicator, paired difference and candidate value.
-
-    Unpaired items (either value NaN) are 0 in every column. Column-major, so the first
-    2k columns (all that resamples need) are a BLAS-ready view.
-    """
-    k = cands.shape[0]
-    out = np.empty((3 * k, base.size))
-    base_ok = ~np.isnan(base)
-    for j in range(k):
-        valid = base_ok & ~np.isnan(cands[j])
-        out[j] = valid
-        out[k + j] = np.where(valid, cands[j] - base, 0.0)
-        out[2 * k + j] = np.where(valid, cands[j], 0.0)
-    return out.T
-
-
-def _compress(
-    base: np.ndarray, cands: np.ndarray, groupings: list[_Grouping]
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Distinct (slice codes, outcome pattern) rows: (first item of each, counts), or None.
-
-    None when the data has more than n/8 distinct rows: then drawing item indices is
-    cheaper than a multinomial over rows.
-    """
-    n = base.size
-    limit = n // 8
-    code = np.zeros(n, dtype=np.int64)
-    radix = 1
-    for column in [base, *cands, *(g.codes for g in groupings)]:
-        sub, uniques = pd.factorize(column, use_na_sentinel=True)
-        size = len(uniques) + 1
-        if size > limit or radix > (2**62) // size:
-            return None
-        code += (sub.astype(np.int64) + 1) * radix
-        radix *= size
-    _, first, counts = np.unique(code, return_index=True, return_counts=True)
-    if first.size > limit:
-        return None
-    return first, counts
-
-
-def _choose_method(method: str, compressed: Any) -> str:
-    if method == "auto":
-        return "counts" if compressed is not None else "indices"
-    if method == "counts" and compressed is None:
-        raise CompkitError(
-            "method='counts' needs discrete data with few distinct rows (<= n/8); "
-            "use method='indices' or 'auto'"
-        )
-    return method
-
-
-@functools.cache
-def _poisson_cuts() -> np.ndarray:
-    """uint16 cuts: for u uniform on 0..65535, #{cuts <= u} is Poisson(1) to within 2**-16."""
-    from scipy.stats import poisson
-
-    cuts = np.round(poisson.cdf(np.arange(16), 1.0) * 2**16).astype(np.int64)
-    return cuts[cuts < 2**16].astype(np.uint16)
-
-
-def _poisson_weights(draws: np.ndarray) -> np.ndarray:
-    counts = np.zeros(draws.shape, dtype=np.uint8)
-    for cut in _poisson_cuts():
-        counts += draws >= cut
-    return counts.astype(np.float64)
-
-
-def weight_blocks(
-    rng: np.random.Generator,
-    *,
-    method: str,
-    n_rows: int,
-    counts: np.ndarray,
-    n_resamples: int,
-    max_cells: int,
-) -> Iterator[np.ndarray]:
-    """Bootstrap weights per row, ``block x n_rows`` at a time (at most ``max_cells``)."""
-    block = max(1, min(n_resamples, max_cells // max(n_rows, 1)))
-    index_dtype = np.int32 if n_rows < 2**31 else np.int64
-    n_items = int(counts.sum())
-    probs = counts / n_items
-    done = 0
-    while done < n_resamples:
-        size = min(block, n_resamples - done)
-        if method == "counts":
-            weights = rng.multinomial(n_items, probs, size=size).astype(np.float64)
-        elif method == "indices":
-            idx = rng.integers(0, n_rows, size=(size, n_rows), dtype=index_dtype)
-            weights = np.empty((size, n_rows))
-            for r in range(size):
-                weights[r] = np.bincount(idx[r], minlength=n_rows)
-        else:
-            draws = rng.integers(0, 2**16, size=(size, n_rows), dtype=np.uint16)
-            weights = _poisson_weights(draws)
-        yield weights
-        done += size
-
-
-def _group_sums(
-    weights: np.ndarray, design: np.ndarray, layouts: list[_Layout], columns: int
-) -> list[np.ndarray]:
-    """Weighted sums of the first ``columns`` design columns: overall (b, 1, c), per layout (b, G, c).
-
-    The rows are sorted by the first layout, so the overall sums are its slice sums plus
-    the sum over its leading rows without a slice value (one pass over the weights).
-    """
-    per_layout = []
-    for lay in layouts:
-        w = weights if lay.order is None else np.take(weights, lay.order, axis=1)
-        sums = np.zeros((weights.shape[0], len(lay.bounds), columns))
-        for label, (start, end) in enumerate(lay.bounds):
-            if end > start:
-                sums[:, label] = w[:, start:end] @ lay.design[start:end, :columns]
-        per_layout.append(sums)
-    if layouts and layouts[0].order is None and layouts[0].bounds:
-        unlabelled = layouts[0].bounds[0][0]  # rows with a missing value come first
-        overall = (
-            per_layout[0].sum(axis=1) + weights[:, :unlabelled] @ design[:unlabelled, :columns]
-        )
-    else:
-        overall = weights @ design[:, :columns]
-    return [overall[:, None, :], *per_layout]
-
-
-def paired_bootstrap(
-    baseline: ArrayLike,
-    candidates: Mapping[str, ArrayLike],
-    *,
-    groups: Mapping[str, ArrayLike] | None = None,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int | np.random.Generator = 0,
-    method: str = "auto",
-    max_cells: int = 2**23,
-) -> pd.DataFrame:
-    """Paired percentile-bootstrap CIs for the mean difference candidate - baseline.
-
-    Items are resampled jointly: every resample uses the same item weights for the
-    baseline, every candidate and every slice, so all intervals come from one set of
-    resamples. A slice's statistic is the mean over the resampled items in the slice (its
-    size varies across resamples). Sums per slice are matrix products of a block of
-    weights with slice-contiguous rows, so the work is vectorised and memory is bounded.
-
-    Parameters
-    ----------
-    baseline
-        Per-item values of the baseline, shape (n,); NaN = metric not defined for the item.
-    candidates
-        Candidate name -> per-item values aligned with ``baseline``.
-    groups
-        Slice column name -> per-item slice values (a missing value puts the item in no
-        slice of that column; it still counts overall).
-    n_resamples, confidence, seed
-        Number of resamples, CI level (percentile interval), RNG seed or Generator.
-    method
-        How resample weights are drawn, ``block`` resamples at a time so that at most
-        ``max_cells`` weights exist at once (never an items x resamples matrix):
-
-        ``"indices"``
-            the classic bootstrap: per resample, n positions from
-            ``rng.integers(0, n, size=(block, n), dtype=np.int32)`` into the items ordered
-            (stably) by the first ``groups`` column, counted with ``np.bincount``. The draws
-            do not depend on ``block``: resample r uses the same positions as the r-th call
-            of ``rng.integers(0, n, size=n, dtype=np.int32)`` in a plain loop.
-        ``"counts"``
-            exact shortcut for discrete data: items with the same slice values and the same
-            outcome pattern over all models are interchangeable, so each distinct row's
-            resampled count is drawn from ``Multinomial(n, row_counts / n)`` - the same
-            distribution as resampling items, at a cost set by the number of distinct rows
-            (at most 3**models x slices for binary metrics), not by n.
-        ``"poisson"``
-            Poisson bootstrap approximation: independent Poisson(1) weights per item, from
-            16-bit uniform draws (probabilities exact to 2**-16, weights capped at 8).
-        ``"auto"`` (default)
-            ``"counts"`` when there are at most n/8 distinct rows, else ``"indices"``.
-    max_cells
-        Most weights held at once (rows x block); 2**23 float64 weights are 64 MB.
-
-    Returns
-    -------
-    DataFrame
-        ``candidate, slice, slice_value, value, baseline_value, delta, ci_low, ci_high, n``
-        (``slice="overall"``, ``slice_value="all"`` first). Only items where both values are
-        defined count (``n`` pairs); value and baseline value are means over those pairs.
-        Resamples in which a slice has no pairs are skipped when taking percentiles; slice
-        values without pairs are dropped.
-
-    Examples
-    --------
-    >>> base = np.array([1, 1, 0, 1, 0, 1.0])
-    >>> out = paired_bootstrap(base, {"q4": np.array([1, 0, 0, 1, 0, 1.0])}, n_resamples=200)
-    >>> out[["candidate", "delta"]].round(3).values.tolist()
-    [['q4', -0.167]]
-    """
-    _check_choice("method", method, BOOTSTRAP_METHODS)
-    if not 0 < confidence < 1:
-        raise CompkitError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise CompkitError(f"n_resamples must be >= 1, got {n_resamples}")
-    base = np.asarray(baseline, dtype=np.float64)
-    names = list(candidates)
-    if not names:
-        raise CompkitError("paired_bootstrap needs at least one candidate")
-    cands = np.stack([np.asarray(candidates[m], dtype=np.float64) for m in names])
-    if base.ndim != 1 or cands.shape[1] != base.size:
-        raise CompkitError(
-            f"baseline has shape {base.shape}; every candidate needs {base.size} values"
-        )
-    groupings = _groupings(groups, base.size)
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    points, reps = _bootstrap_sums(
-        base, cands, groupings, rng=rng, n_resamples=n_resamples, method=method, max_cells=max_cells
-    )
-    return _bootstrap_frame(names, groupings, points, reps, confidence)
-
-
-def _bootstrap_sums(
-    base: np.ndarray,
-    cands: np.ndarray,
-    groupings: list[_Grouping],
-    *,
-    rng: np.random.Generator,
-    n_resamples: int,
-    method: str,
-    max_cells: int,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Full-sample sums (G, 3k) and per-resample sums (R, G, 2k): overall, then per grouping."""
-    k = cands.shape[0]
-    compressed = _compress(base, cands, groupings) if method in ("auto", "counts") else None
-    method = _choose_method(method, compressed)
-    if method == "counts":
-        rows, counts = compressed  # type: ignore[misc]
-    else:
-        rows, counts = np.arange(base.size), np.ones(base.size, dtype=np.int64)
-    if groupings:  # rows sorted by the first slice column: its slices are contiguous
-        first = np.argsort(groupings[0].codes[rows], kind="stable")
-        rows, counts = rows[first], counts[first]
-    design = _paired_design(base[rows], cands[:, rows])
-    layouts = [_layout(g.codes[rows], len(g.labels), design) for g in groupings]
-    points = [p[0] for p in _group_sums(counts[None, :].astype(np.float64), design, layouts, 3 * k)]
-    reps = [np.empty((n_resamples, p.shape[0], 2 * k)) for p in points]
-    blocks = weight_blocks(
-        rng,
-        method=method,
-        n_rows=rows.size,
-        counts=counts,
-        n_resamples=n_resamples,
-        max_cells=max_cells,
-    )
-    done = 0
-    for weights in blocks:
-        for rep, part in zip(reps, _group_sums(weights, design, layouts, 2 * k), strict=True):
-            rep[done : done + weights.shape[0]] = part
-        done += weights.shape[0]
-    return points, reps
-
-
-def _bootstrap_frame(
-    names: list[str],
-    groupings: list[_Grouping],
-    points: list[np.ndarray],
-    reps: list[np.ndarray],
-    confidence: float,
-) -> pd.DataFrame:
-    k = len(names)
-    tail = (1 - confidence) / 2
-    labels = [[OVERALL]] + [[(g.name, v) for v in g.labels] for g in groupings]
-    rows = []
-    for point, rep, lab in zip(points, reps, labels, strict=True):
-        if not lab:
-            continue
-        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            deltas = rep[..., k:] / rep[..., :k]  # (R, G, k)
-            low, high = np.nanquantile(deltas, [tail, 1 - tail], axis=0)
-        for gi, (slice_name, slice_value) in enumerate(lab):
-            for ki, name in enumerate(names):
-                pairs, diff_sum, cand_sum = point[gi, ki], point[gi, k + ki], point[gi, 2 * k + ki]
-                if pairs == 0:
-                    continue
-                value, delta = cand_sum / pairs, diff_sum / pairs
-                rows.append(
-                    (
-                        name,
-                        slice_name,
-                        str(slice_value),
-                        value,
-                        value - delta,
-                        delta,
-                        low[gi, ki],
-                        high[gi, ki],
-                        int(pairs),
-                    )
-                )
-    columns = [
-        "candidate",
-        "slice",
-        "slice_value",
-        "value",
-        "baseline_value",
-        "delta",
-        "ci_low",
-        "ci_high",
-        "n",
-    ]
-    frame = pd.DataFrame(rows, columns=columns)
-    order = {name: i for i, name in enumerate(names)}
-    frame = frame.sort_values("candidate", key=lambda s: s.map(order), kind="stable")
-    return frame.reset_index(drop=True)
-
-
 # --------------------------------------------------------------------------- compare_models
 
 
@@ -827,8 +441,8 @@ def compare_models(
     by: str | Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
     repeats: str = "mean",
-    n_resamples: int = 1000,
     confidence: float = 0.95,
+    n_resamples: int = 2000,
     seed: int = 0,
     method: str = "auto",
 ) -> pd.DataFrame:
@@ -846,19 +460,18 @@ def compare_models(
         Metric names or columns; default every registered metric column present.
     repeats
         ``"mean"`` (default), ``"majority"`` or ``"first"``; see the module docstring.
-    n_resamples, confidence, seed, method
-        Passed to :func:`paired_bootstrap`; the same seed is used for every metric.
+    confidence
+        Level of every interval.
+    n_resamples, seed, method
+        Bootstrap settings for metrics that are not 0/1 per item
+        (:func:`kit.stats.bootstrap.paired_bootstrap`); the same seed serves every metric.
 
     Returns
     -------
     DataFrame
-        :data:`RESULT_COLUMNS`. ``delta = value - baseline_value`` over the ``n`` items
-        where both models have the metric; ``ci_low, ci_high`` bound ``delta``.
-        ``p_value`` (two-sided): McNemar (:func:`mcnemar_test`) when the metric's per-item
-        values are all 0/1 (binary metrics with one repeat, or any repeats mode other than
-        ``"mean"``); otherwise the Wilcoxon signed-rank test on the paired differences
-        (:func:`scipy.stats.wilcoxon`, zero differences dropped; 1.0 when all are zero).
-        Wilcoxon tests for a symmetric shift, the CI describes the mean difference.
+        :data:`RESULT_COLUMNS` (see the module docstring). ``p_value`` (two-sided): McNemar
+        (:func:`kit.stats.tests.mcnemar_test`) for 0/1 values, else the Wilcoxon
+        signed-rank test on the paired differences (1.0 when none differs).
     """
     _check_outcomes(outcomes, baseline=baseline)
     models = _candidate_list(outcomes, baseline=baseline, candidates=candidates)
@@ -878,21 +491,23 @@ def compare_models(
     frames = []
     for column, name in columns.items():
         matrix = values[column]
-        cands = {m: matrix[:, i + 1] for i, m in enumerate(models)}
-        boot = paired_bootstrap(
-            matrix[:, 0],
-            cands,
-            groups=groups,
-            n_resamples=n_resamples,
-            confidence=confidence,
-            seed=seed,
-            method=method,
-        )
-        boot["p_value"] = _p_values(boot, matrix, models, groups)
-        frames.append(boot.assign(metric=name).rename(columns={"candidate": "model"}))
+        if _is_binary(matrix):
+            rows = _binary_rows(matrix, models, groups, confidence)
+        else:
+            rows = _bounded_rows(
+                matrix,
+                models,
+                groups,
+                confidence=confidence,
+                n_resamples=n_resamples,
+                seed=seed,
+                method=method,
+            )
+        frames.append(rows.assign(metric=name))
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[RESULT_COLUMNS]
+    out = pd.concat(frames, ignore_index=True).assign(confidence=confidence)
+    return out.reindex(columns=RESULT_COLUMNS)
 
 
 def _metric_map(outcomes: pd.DataFrame, metrics: Sequence[str] | None) -> dict[str, str]:
@@ -900,8 +515,8 @@ def _metric_map(outcomes: pd.DataFrame, metrics: Sequence[str] | None) -> dict[s
     if metrics is None:
         return present
     out = {}
-    for metric in metrics:
-        column = _metric_column(outcomes, metric)
+    for name in metrics:
+        column = _metric_column(outcomes, name)
         out[column] = metric_info(column).name
     return out
 
@@ -931,40 +546,157 @@ def _item_matrix(
     return values, groups
 
 
-def _p_values(
-    boot: pd.DataFrame, matrix: np.ndarray, models: list[str], groups: Mapping[str, np.ndarray]
-) -> np.ndarray:
-    binary = _is_binary(matrix)
-    index = {m: i + 1 for i, m in enumerate(models)}
-    codes = {
-        g.name: (g.codes, {str(v): i for i, v in enumerate(g.labels)})
-        for g in _groupings(groups, matrix.shape[0])
-    }
-    out = np.empty(len(boot))
-    rows = boot[["candidate", "slice", "slice_value"]].itertuples(index=False)
-    for row, (model, slice_name, slice_value) in enumerate(rows):
-        if slice_name == OVERALL[0]:
-            mask = np.ones(matrix.shape[0], dtype=bool)
-        else:
-            item_codes, label_code = codes[slice_name]
-            mask = item_codes == label_code[slice_value]
-        base, cand = matrix[mask, 0], matrix[mask, index[model]]
-        keep = ~np.isnan(base) & ~np.isnan(cand)
-        out[row] = _paired_p_value(base[keep], cand[keep], binary=binary)
+def _slice_codes(
+    groups: Mapping[str, np.ndarray], n: int
+) -> list[tuple[str, list[Any], np.ndarray]]:
+    """(slice name, labels, code per item; -1 = no value), overall first."""
+    out: list[tuple[str, list[Any], np.ndarray]] = [
+        (OVERALL[0], [OVERALL[1]], np.zeros(n, dtype=np.int64))
+    ]
+    for name, raw in groups.items():
+        codes, labels = pd.factorize(pd.Series(raw, dtype=object), sort=True)
+        out.append((name, list(labels), codes.astype(np.int64)))
     return out
 
 
-def _paired_p_value(base: np.ndarray, cand: np.ndarray, *, binary: bool) -> float:
-    if binary:
-        b = int(np.sum((base == 1) & (cand == 0)))
-        c = int(np.sum((base == 0) & (cand == 1)))
-        return mcnemar_test(b, c).p_value
-    diff = cand - base
-    if not np.any(diff != 0):
-        return 1.0
-    from scipy.stats import wilcoxon
+def _binary_rows(
+    matrix: np.ndarray, models: list[str], groups: Mapping[str, np.ndarray], confidence: float
+) -> pd.DataFrame:
+    """Closed-form rows for 0/1 values: counts per slice, then the score / exact intervals."""
+    base = matrix[:, 0]
+    records = []
+    for j, model in enumerate(models):
+        cand = matrix[:, j + 1]
+        valid = ~np.isnan(base) & ~np.isnan(cand)
+        for name, labels, codes in _slice_codes(groups, base.size):
+            keep = valid & (codes >= 0)
+            cd, size = codes[keep], len(labels)
+            b, c = base[keep], cand[keep]
 
-    return float(wilcoxon(diff, zero_method="wilcox").pvalue)
+            def count(weights, cd=cd, size=size):
+                return np.bincount(cd, weights=weights, minlength=size)
+
+            n, xb, xc = count(None), count(b), count(c)
+            base_only, cand_only = count((b == 1) & (c == 0)), count((b == 0) & (c == 1))
+            for li, label in enumerate(labels):
+                if n[li] > 0:
+                    records.append(
+                        (
+                            model,
+                            name,
+                            str(label),
+                            n[li],
+                            xb[li],
+                            xc[li],
+                            base_only[li],
+                            cand_only[li],
+                        )
+                    )
+    cols = ["model", "slice", "slice_value", "n", "x_base", "x_cand", "n_base_only", "n_cand_only"]
+    frame = pd.DataFrame(records, columns=cols)
+    return _binary_intervals(frame, confidence)
+
+
+def _binary_intervals(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    n, xb, xc = (frame[c].to_numpy(dtype=float) for c in ("n", "x_base", "x_cand"))
+    b, c = frame["n_base_only"].to_numpy(dtype=float), frame["n_cand_only"].to_numpy(dtype=float)
+    both = xc - c
+    value_lo, value_hi = proportion_ci(xc, n, confidence=confidence)
+    delta_lo, delta_hi = paired_difference_ci(b, c, n, confidence=confidence)
+    rel_lo, rel_hi = paired_ratio_ci(both, b, c, n, confidence=confidence)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(xb > 0, (xc - xb) / xb, np.nan)
+    return frame.assign(
+        value=xc / n,
+        value_ci_low=value_lo,
+        value_ci_high=value_hi,
+        baseline_value=xb / n,
+        delta=(xc - xb) / n,
+        ci_low=delta_lo,
+        ci_high=delta_hi,
+        rel=rel,
+        rel_ci_low=np.where(xb > 0, rel_lo, np.nan),
+        rel_ci_high=np.where(xb > 0, rel_hi, np.nan),
+        p_value=[mcnemar_test(int(x), int(y)).p_value for x, y in zip(b, c, strict=True)],
+        value_method="clopper_pearson",
+        delta_method="tango_cc",
+        rel_method="tang_cc",
+        note=np.where(xb > 0, "", "relative change undefined: the baseline's value is 0"),
+    ).drop(columns=["x_base", "x_cand"])
+
+
+def _bounded_rows(
+    matrix: np.ndarray,
+    models: list[str],
+    groups: Mapping[str, np.ndarray],
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+    method: str,
+) -> pd.DataFrame:
+    """Bootstrap rows for values in [0, 1] that are not all 0/1 (BCa, with the guards)."""
+    cands = {m: matrix[:, i + 1] for i, m in enumerate(models)}
+    boot = paired_bootstrap(
+        matrix[:, 0],
+        cands,
+        groups=groups,
+        n_resamples=n_resamples,
+        confidence=confidence,
+        seed=seed,
+        method=method,
+    ).rename(columns={"candidate": "model"})
+    boot["p_value"] = _p_values(boot, matrix, models, groups)
+    boot = boot.assign(
+        value_method="bca_bootstrap",
+        delta_method="bca_bootstrap",
+        rel_method="bca_bootstrap",
+        note="",
+    )
+    return _bootstrap_guards(boot, confidence).drop(columns=["n_changed"])
+
+
+def _bootstrap_guards(boot: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Below the minimum n no bootstrap interval; no changed item: the exact zero-change bound."""
+    boot = boot.copy()
+    unchanged = boot["n_changed"].to_numpy() == 0
+    half = zero_change_bound(boot["n"].to_numpy(), confidence=confidence)
+    base = boot["baseline_value"].to_numpy(dtype=float)
+    boot.loc[unchanged, "ci_low"] = boot.loc[unchanged, "delta"] - half[unchanged]
+    boot.loc[unchanged, "ci_high"] = boot.loc[unchanged, "delta"] + half[unchanged]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_half = np.where(base > 0, half / base, np.inf)
+    boot.loc[unchanged, "rel_ci_low"] = boot.loc[unchanged, "rel"] - rel_half[unchanged]
+    boot.loc[unchanged, "rel_ci_high"] = boot.loc[unchanged, "rel"] + rel_half[unchanged]
+    for col in ("delta_method", "rel_method"):
+        boot.loc[unchanged, col] = "bounded_zero_change"
+    small = boot["n"].to_numpy() < BOOTSTRAP_MIN_N
+    cols = ["value_ci_low", "value_ci_high"]
+    boot.loc[small, cols] = np.nan
+    boot.loc[small & ~unchanged, ["ci_low", "ci_high", "rel_ci_low", "rel_ci_high"]] = np.nan
+    boot.loc[small, "note"] = (
+        f"fewer than {BOOTSTRAP_MIN_N} paired items: a bootstrap interval is not trusted here"
+    )
+    return boot
+
+
+def _p_values(
+    boot: pd.DataFrame, matrix: np.ndarray, models: list[str], groups: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    index = {m: i + 1 for i, m in enumerate(models)}
+    codes = {
+        name: (c, {str(v): i for i, v in enumerate(labels)})
+        for name, labels, c in _slice_codes(groups, matrix.shape[0])
+    }
+    out = np.empty(len(boot))
+    rows = boot[["model", "slice", "slice_value"]].itertuples(index=False)
+    for row, (model, slice_name, slice_value) in enumerate(rows):
+        item_codes, label_code = codes[slice_name]
+        mask = item_codes == label_code[slice_value]
+        base, cand = matrix[mask, 0], matrix[mask, index[model]]
+        keep = ~np.isnan(base) & ~np.isnan(cand)
+        out[row] = paired_p_value(base[keep], cand[keep], binary=False)
+    return out
 
 
 # --------------------------------------------------------------------------- choice distributions
@@ -1178,111 +910,3 @@ def _noise_flip_rates(
             ]
         )
     return pd.concat(frames, ignore_index=True)
-
-
-# --------------------------------------------------------------------------- power
-
-
-def minimum_detectable_effect(
-    n: int | ArrayLike, *, p: float, alpha: float = 0.05, power: float = 0.8
-) -> float | np.ndarray:
-    """Smallest paired difference of a binary metric that ``n`` items detect.
-
-    The per-item difference ``d = candidate - baseline`` of a paired binary metric is -1,
-    0 or 1; with discordant rate ``p`` (share of items whose outcome differs, i.e. the flip
-    rate right->wrong + wrong->right) and true difference ``delta`` it has variance
-    ``p - delta**2``. A two-sided test of mean zero with the normal approximation detects
-    standardised effect ``es = delta / sqrt(p - delta**2)`` with the given power, where
-    ``es`` comes from :class:`statsmodels.stats.power.NormalIndPower` (one sample,
-    ``ratio=0``). Solving gives ``delta = es * sqrt(p) / sqrt(1 + es**2)``.
-
-    Returns ``inf`` where even ``delta = p`` (every discordant pair one way) is not
-    detectable. For a metric in [0, 1] that is not binary, reading ``p`` as the share of
-    items whose value changes over-states the variance, so the result is conservative.
-
-    Parameters
-    ----------
-    n
-        Number of paired items (scalar or array).
-    p
-        Expected discordant rate in (0, 1].
-
-    Examples
-    --------
-    >>> round(float(minimum_detectable_effect(1000, p=0.1)), 4)
-    0.0279
-    """
-    from statsmodels.stats.power import NormalIndPower
-
-    if not 0 < p <= 1:
-        raise CompkitError(f"discordant rate p must be in (0, 1], got {p}")
-    sizes = np.atleast_1d(np.asarray(n, dtype=np.float64))
-    out = np.full(sizes.shape, np.inf)
-    solver = NormalIndPower()
-    for i, size in enumerate(sizes):
-        if size < 2:
-            continue
-        es = solver.solve_power(effect_size=None, nobs1=size, alpha=alpha, power=power, ratio=0.0)
-        delta = float(es) * math.sqrt(p) / math.sqrt(1 + float(es) ** 2)
-        out[i] = delta if delta <= p else np.inf
-    return float(out[0]) if np.ndim(n) == 0 else out
-
-
-def mde_warnings(
-    table: pd.DataFrame,
-    *,
-    budgets: Mapping[str, float],
-    discordant_rate: float = 0.1,
-    flips: pd.DataFrame | None = None,
-    alpha: float = 0.05,
-    power: float = 0.8,
-) -> pd.DataFrame:
-    """Rows of a comparison table too small to detect the drop a budget cares about.
-
-    Parameters
-    ----------
-    table
-        A :data:`RESULT_COLUMNS` frame (:func:`compare_models`, ``kit.analysis.slices.slice_table``).
-    budgets
-        Metric name -> tolerated drop on the metric's own 0-1 scale (0.02 = 2 points).
-    discordant_rate
-        Expected share of items that flip either way, used where ``flips`` has no value.
-    flips
-        Optional :func:`flip_table` output; its right->wrong + wrong->right rate for the
-        same model, metric and slice replaces ``discordant_rate``.
-
-    Returns
-    -------
-    DataFrame
-        ``model, slice, slice_value, metric, n, budget, discordant_rate, mde, underpowered,
-        message`` for every budgeted row; ``underpowered`` when ``mde > budget``
-        (:func:`minimum_detectable_effect`).
-    """
-    keys = ["model", "slice", "slice_value", "metric"]
-    rows = table[table["metric"].isin(list(budgets))][[*keys, "n"]].copy()
-    rows["budget"] = rows["metric"].map(budgets).astype(float)
-    rows["discordant_rate"] = float(discordant_rate)
-    if flips is not None and len(flips):
-        disc = flips[flips["flip"].isin(["right_to_wrong", "wrong_to_right"])]
-        disc = disc.groupby(keys, as_index=False)["rate"].sum()
-        rows = rows.merge(disc, on=keys, how="left")
-        rows["discordant_rate"] = rows["rate"].where(rows["rate"] > 0, rows["discordant_rate"])
-        rows = rows.drop(columns="rate")
-    rows["mde"] = [
-        minimum_detectable_effect(int(n), p=min(float(q), 1.0), alpha=alpha, power=power)
-        for n, q in zip(rows["n"], rows["discordant_rate"], strict=True)
-    ]
-    rows["underpowered"] = rows["mde"] > rows["budget"]
-    rows["message"] = [
-        (f"{s}={v}: n={n} detects drops of {m:.3f} or more (budget {b:.3f})" if u else "")
-        for s, v, n, m, b, u in zip(
-            rows["slice"],
-            rows["slice_value"],
-            rows["n"],
-            rows["mde"],
-            rows["budget"],
-            rows["underpowered"],
-            strict=True,
-        )
-    ]
-    return rows.reset_index(drop=True)

@@ -38,7 +38,10 @@ from typing import Any
 import pandas as pd
 
 from kit.errors import CompkitError, DependencyMissing
-from kit.verdicts import VerdictReport, sample_size_caveats
+from kit.metrics import format_interval, format_value
+from kit.run import Run
+from kit.stats.intervals import METHODS
+from kit.verdicts import VerdictReport
 
 MEMO_FILE = "memo.html"
 TEMPLATE = "memo.html.j2"
@@ -58,33 +61,17 @@ def _finite(x: Any) -> bool:
 
 
 def format_number(x: Any, *, unit: str, quantity: str = "value") -> str:
-    """A verdict number for the rules table: ``12.5%``, ``-3.0 points``, ``+4.1%``, ``380 ms``.
-
-    ``quantity`` is a verdict row's: ``value`` (the metric itself), ``change`` (candidate -
-    baseline) or ``relative change`` (change / baseline). Missing values read ``–``.
-    """
-    if not _finite(x):
-        return "–"
-    if quantity == "relative change":
-        return f"{x * 100:+.1f}%"
-    change = quantity == "change"
-    if unit == "share":
-        return f"{x * 100:+.1f} points" if change else f"{x * 100:.1f}%"
-    if unit == "score":
-        return f"{x:+.3f}" if change else f"{x:.3f}"
-    if unit == "USD":
-        return f"{'-' if x < 0 else '+' if change else ''}${abs(x):.2f}"
-    text = f"{x:+.1f}" if change else f"{x:.1f}"
-    return f"{text} {unit}"
+    """A verdict number for the rules table (:func:`kit.metrics.format_value`; ``–`` if missing)."""
+    return format_value(x, unit=unit, quantity=quantity) if _finite(x) else "–"
 
 
 def format_ci(low: Any, high: Any, *, unit: str, quantity: str) -> str:
-    """``[a, b]`` in :func:`format_number` units, ``–`` when either end is missing."""
-    if not (_finite(low) and _finite(high)):
+    """``a to b`` in :func:`format_number` units; ``–`` when either end is missing."""
+    if low is None or high is None or not all(isinstance(x, int | float) for x in (low, high)):
         return "–"
-    a = format_number(low, unit=unit, quantity=quantity)
-    b = format_number(high, unit=unit, quantity=quantity)
-    return f"[{a}, {b}]"
+    if math.isnan(low) or math.isnan(high):
+        return "–"
+    return format_interval(low, high, unit=unit, quantity=quantity)
 
 
 def _count(x: Any) -> str:
@@ -209,7 +196,8 @@ def evidence_figures(run_dir: str | Path) -> list[Figure]:
             _figure(
                 "overall",
                 f"Overall change in {metric}",
-                "Candidate minus baseline over all items; bars are 95% paired bootstrap CIs.",
+                "Candidate minus baseline over all items; bars are the paired intervals the "
+                "rules table names per metric.",
                 lambda: cmp.delta_chart(table, metric=metric),
             )
         )
@@ -286,6 +274,7 @@ def _verdict_rows(report: VerdictReport) -> dict[str, list[dict[str, Any]]]:
                 "ci": format_ci(v.ci_low, v.ci_high, **fmt),
                 "n": _count(v.n),
                 "n_needed": _count(v.n_needed),
+                "method": METHODS.get(v.method or "", v.method or "–"),
                 "reason": v.reason,
             }
         )
@@ -336,15 +325,15 @@ def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _failing(run_dir: Path, candidates: list[str], k: int) -> dict[str, list[dict[str, Any]]]:
-    from kit.stages.drilldown import failing_examples, load_run_outcomes
+def _failing(run: Run, candidates: list[str], k: int) -> dict[str, list[dict[str, Any]]]:
+    from kit.stages.drilldown import failing_examples
 
     if k <= 0:
         return {}
-    outcomes = load_run_outcomes(run_dir)
+    outcomes = run.outcomes()
     out = {}
     for name in candidates:
-        frame = failing_examples(run_dir, candidate=name, k=k, outcomes=outcomes)
+        frame = failing_examples(run, candidate=name, k=k, outcomes=outcomes)
         out[name] = [{k_: _text(v) for k_, v in row.items()} for row in frame.to_dict("records")]
     return out
 
@@ -370,28 +359,6 @@ def _noise_rows(run_dir: Path) -> list[dict[str, str]]:
         }
         for r in overall.to_dict("records")
     ]
-
-
-def _mde_rows(run_dir: Path, report: VerdictReport) -> list[dict[str, str]]:
-    table = _read(run_dir, "slice_table")
-    if table is None or table.empty:
-        return []
-    caveats = sample_size_caveats(report.verdicts_frame(), table, flips=_read(run_dir, "flips"))
-    rows = []
-    for r in caveats.to_dict("records"):
-        detect = f"{r['mde'] * 100:.1f} points" if math.isfinite(r["mde"]) else "no drop at all"
-        rows.append(
-            {
-                "candidate": r["candidate"],
-                "rule": r["rule"],
-                "slice": r["slice"],
-                "n": _count(r["n"]),
-                "tolerance": f"{r['tolerance'] * 100:.1f} points",
-                "mde": detect,
-                "underpowered": bool(r["underpowered"]),
-            }
-        )
-    return rows
 
 
 def _undecided(report: VerdictReport) -> list[dict[str, str]]:
@@ -424,12 +391,12 @@ def memo_context(
         Failing examples (baseline right, candidate wrong) per candidate.
     """
     from kit.environment import kit_info
-    from kit.stages.freeze import BaselineManifest
     from kit.store import now_iso
 
-    run_dir = Path(run_dir)
+    run = Run.open(run_dir)
+    run_dir = run.root
     report = report if report is not None else VerdictReport.load(run_dir)
-    manifest = BaselineManifest.load(run_dir)
+    manifest = run.manifest
     decisions = [{**d.model_dump(), "words": DECISION_WORDS[d.decision]} for d in report.decisions]
     kit = kit_info()
     return {
@@ -438,18 +405,19 @@ def memo_context(
         "run": str(run_dir.resolve()),
         "baseline": report.baseline,
         "confidence": f"{report.confidence * 100:g}%",
+        "judged": report.judged,
+        "combination": report.combination,
         "decisions": decisions,
         "budget": report.budget.model_dump(),
         "rules": [r.model_dump() for r in report.rules],
         "verdicts": _verdict_rows(report),
         "figures": evidence_figures(run_dir),
-        "examples": _failing(run_dir, list(report.candidates), examples),
+        "examples": _failing(run, list(report.candidates), examples),
         "examples_k": examples,
         "candidates": _candidate_facts(run_dir),
         "baseline_facts": _baseline_facts(manifest),
         "noise": _noise_rows(run_dir),
         "repeats": manifest.inputs.repeats,
-        "mde": _mde_rows(run_dir, report),
         "undecided": _undecided(report),
         "evidence": [e.model_dump() for e in report.evidence],
         "hashes": report.hashes,

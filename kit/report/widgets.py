@@ -63,20 +63,19 @@ def slice_explorer(
     ipywidgets.VBox
         ``children[0]`` holds the dropdowns, ``children[1]`` the chart and table outputs.
     """
-    from kit.stages.candidates import stored_outputs
-    from kit.stages.drilldown import drilldown_tables, load_run_outcomes, run_models, side_by_side
-    from kit.stages.freeze import load_frozen
+    from kit.run import Run
+    from kit.stages.drilldown import read_drilldown_tables, side_by_side
 
     w = _ipywidgets()
-    frozen = load_frozen(run_dir)
-    baseline, candidates = run_models(run_dir)
+    frozen = Run.open(run_dir)
+    baseline, candidates = frozen.baseline, frozen.candidates()
     if not candidates:
         raise CompkitError(f"{run_dir}: no candidate outputs to explore (run stage 2 first)")
-    outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
+    outcomes = frozen.outcomes() if outcomes is None else outcomes
     if tables is None:
-        tables = drilldown_tables(run_dir, n_resamples=n_resamples, seed=seed, outcomes=outcomes)
+        tables = read_drilldown_tables(frozen)
     table = tables.slice_table
-    outputs, slices = stored_outputs(frozen.run_dir), frozen.slices()
+    outputs, slices = frozen.outputs(), frozen.slices()
     metrics = list(dict.fromkeys(table["metric"]))
     columns = [c for c in dict.fromkeys(table["slice"]) if c != "overall"]
     if not columns:

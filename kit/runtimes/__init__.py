@@ -10,13 +10,13 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kit.errors import CompkitError, DependencyMissing
+from kit.errors import CompkitError, DependencyMissing, Problem, ValidationError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from kit.runtimes.base import Runtime
-    from kit.study import ModelSpec
+    from kit.study import ModelSpec, Study
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,34 @@ def runtime_class(name: str) -> type[Runtime]:
 def open_runtime(spec: ModelSpec, *, base_dir: Path | None = None) -> Runtime:
     """Instantiate the runtime a model spec names (loads the model)."""
     return runtime_class(spec.runtime)(spec, base_dir=base_dir)
+
+
+def check_study_runtimes(study: Study) -> None:
+    """Every model of ``study`` names a registered runtime; else one problem per model key.
+
+    Raises
+    ------
+    ValidationError
+        Naming the key (``candidates.1.runtime``), the unknown name, a close match and the
+        available runtimes.
+    """
+    import difflib
+
+    models = [("baseline", study.baseline)] + [
+        (f"candidates.{i}", spec) for i, spec in enumerate(study.candidates)
+    ]
+    problems = []
+    for key, spec in models:
+        if spec.runtime in RUNTIMES:
+            continue
+        close = difflib.get_close_matches(spec.runtime, list(RUNTIMES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(
+            Problem(
+                str(study.source),
+                f"unknown runtime {spec.runtime!r}{hint}; available: {sorted(RUNTIMES)}",
+                field=f"{key}.runtime",
+            )
+        )
+    if problems:
+        raise ValidationError(f"study {study.source}", problems)

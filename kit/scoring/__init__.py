@@ -1,12 +1,10 @@
 """Scoring: raw outputs -> per-item outcomes -> tidy metric summaries.
 
-Registries carry metadata that rules, charts and the memo read instead of hard-coding:
-:data:`SCORERS` (task -> per-item scorer), :data:`METRICS` (metric -> direction,
-aggregation, tasks it applies to) and :data:`AGGREGATES` (metrics that are not a mean of
-per-item values, such as macro F1, -> the function computing them).
+:data:`SCORERS` maps a task to its per-item scorer; the metrics the outcome columns hold
+(direction, unit, tasks, interval methods) are declared once in :data:`kit.metrics.METRICS`.
 
 Besides the per-task scorers, *score sources* add columns to the outcome table: anything
-with an ``info`` (:class:`MetricInfo`) and a ``score(eval_set, outputs)`` method returning
+with an ``info`` (:class:`kit.metrics.MetricSpec`) and a ``score(eval_set, outputs)`` method returning
 ``model, item_id[, repeat], <info.name>`` (:class:`ScoreSource`). Two ship with kit: filled
 review sheets (:func:`kit.scoring.review.review_scores`, metric ``human_score``) and
 ``evaluate`` modules loaded from a local path (:func:`kit.scoring.custom.evaluate_scorer`).
@@ -21,7 +19,6 @@ Example
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,28 +26,11 @@ import pandas as pd
 
 from kit.errors import CompkitError
 from kit.evalset import EvalItem, EvalSet
+from kit.metrics import METRICS, MetricSpec, item_metrics
 from kit.scoring import tasks
-from kit.scoring.labels import label_metrics, macro_f1, rare_label_recall
+from kit.scoring.labels import label_metrics, macro_f1
 
 Scorer = Callable[[EvalItem, dict[str, Any], EvalSet], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    """A metric's metadata.
-
-    ``aggregation`` is ``"mean"`` for a per-item outcome column averaged over items (the
-    metrics :mod:`kit.analysis.compare` and :mod:`kit.analysis.slices` compare item by item), ``"per_label"``
-    for a value per classification label (rows of :func:`label_metrics`), or the name of
-    the function in :data:`AGGREGATES` that computes the metric from the whole outcome
-    table (``"macro"``: macro F1, rare-label recall).
-    """
-
-    name: str
-    description: str
-    higher_is_better: bool
-    aggregation: str = "mean"  # mean of per-item values
-    tasks: tuple[str, ...] = ()  # empty: every task
 
 
 SCORERS: dict[str, Scorer] = {
@@ -62,165 +42,16 @@ SCORERS: dict[str, Scorer] = {
     "generation": tasks.score_generation,
 }
 
-METRICS: dict[str, MetricInfo] = {
-    m.name: m
-    for m in [
-        MetricInfo(
-            "accuracy", "share of items answered correctly (each task's primary outcome)", True
-        ),
-        MetricInfo(
-            "choice_accuracy",
-            "accuracy of the highest-probability option (logprob scoring)",
-            True,
-            tasks=("classification", "multiple_choice"),
-        ),
-        MetricInfo(
-            "json_parse_failure",
-            "share of outputs that are not strict JSON (no repair)",
-            False,
-            tasks=("extraction", "tool_call"),
-        ),
-        MetricInfo(
-            "field_accuracy",
-            "share of extraction fields exactly right (null = not found)",
-            True,
-            tasks=("extraction",),
-        ),
-        MetricInfo(
-            "not_found_correct",
-            "share of absent fields returned as null",
-            True,
-            tasks=("extraction",),
-        ),
-        MetricInfo(
-            "hallucinated_field_rate",
-            "share of absent fields returned with a value",
-            False,
-            tasks=("extraction",),
-        ),
-        MetricInfo(
-            "missed_field_rate",
-            "share of present fields returned as null",
-            False,
-            tasks=("extraction",),
-        ),
-        MetricInfo("refusal_rate", "share of outputs that refuse", False, tasks=("refusal",)),
-        MetricInfo(
-            "unsafe_compliance",
-            "share of harmful requests answered instead of refused",
-            False,
-            tasks=("refusal",),
-        ),
-        MetricInfo("over_refusal", "share of benign requests refused", False, tasks=("refusal",)),
-        MetricInfo(
-            "valid_call",
-            "share of outputs that are a well-formed tool call",
-            True,
-            tasks=("tool_call",),
-        ),
-        MetricInfo(
-            "right_tool", "share of calls naming the expected tool", True, tasks=("tool_call",)
-        ),
-        MetricInfo(
-            "args_exact",
-            "share of calls with exactly the expected arguments",
-            True,
-            tasks=("tool_call",),
-        ),
-        MetricInfo(
-            "args_partial", "mean share of expected arguments matched", True, tasks=("tool_call",)
-        ),
-        MetricInfo(
-            "chrf", "chrF similarity to the reference (0-1, sacrebleu)", True, tasks=("generation",)
-        ),
-        MetricInfo("error_rate", "share of requests that failed (timeouts, server errors)", False),
-        MetricInfo(
-            "choice_accuracy_norm",
-            "accuracy of the option with the highest logprob per character of its text "
-            "(lm-evaluation-harness acc_norm)",
-            True,
-            tasks=("classification", "multiple_choice"),
-        ),
-        MetricInfo(
-            "macro_f1",
-            "unweighted mean of the per-label F1 scores (label_metrics)",
-            True,
-            aggregation="macro",
-            tasks=("classification",),
-        ),
-        MetricInfo(
-            "recall",
-            "per-label recall: share of a label's items predicted as that label "
-            "(label_metrics rows)",
-            True,
-            aggregation="per_label",
-            tasks=("classification",),
-        ),
-        MetricInfo(
-            "rare_label_recall",
-            "unweighted mean recall over the labels whose label_rarity is rare",
-            True,
-            aggregation="macro",
-            tasks=("classification",),
-        ),
-        MetricInfo(
-            "human_score",
-            "reviewer score from an imported review sheet, on 0-1 (0-5 sheets divided by 5)",
-            True,
-            tasks=("generation",),
-        ),
-    ]
-}
-
-#: outcome column -> metric name (the outcome table keeps short column names)
-COLUMN_METRIC = {
-    "correct": "accuracy",
-    "choice_correct": "choice_accuracy",
-    "refused": "refusal_rate",
-    "error": "error_rate",
-    "choice_correct_norm": "choice_accuracy_norm",
-}
-
-#: metric name -> function computing it from the outcome table (metrics that are not means):
-#: ``fn(outcomes, eval_set, *, slices=None, by=("model",)) -> *by, metric, value, n``.
-AGGREGATES: dict[str, Callable[..., pd.DataFrame]] = {
-    "macro_f1": macro_f1,
-    "rare_label_recall": rare_label_recall,
-}
-
-_BUILTIN_METRICS = frozenset(METRICS)
-
 
 class ScoreSource(Protocol):
     """Adds one metric column to the outcome table (review sheets, ``evaluate`` modules)."""
 
-    info: MetricInfo
+    info: MetricSpec
 
     def score(self, eval_set: EvalSet, outputs: pd.DataFrame) -> pd.DataFrame:
         """``model, item_id[, repeat], <info.name>``; without ``repeat`` a value applies to
         every repeat of the item."""
         ...
-
-
-def register_metric(info: MetricInfo, *, replace: bool = False) -> MetricInfo:
-    """Add ``info`` to :data:`METRICS` (custom scorers call this).
-
-    Registering the same info twice is a no-op. A different info under a name already
-    registered raises unless ``replace``; kit's own metrics cannot be replaced.
-
-    Raises
-    ------
-    CompkitError
-        On a name clash as described.
-    """
-    old = METRICS.get(info.name)
-    if old is not None and old != info and (info.name in _BUILTIN_METRICS or not replace):
-        raise CompkitError(
-            f"metric {info.name!r} is already registered as {old}; choose another name"
-            + ("" if info.name in _BUILTIN_METRICS else " or pass replace=True")
-        )
-    METRICS[info.name] = info
-    return info
 
 
 def score_outputs(
@@ -296,7 +127,7 @@ def add_scores(outcomes: pd.DataFrame, scores: pd.DataFrame, *, column: str) -> 
     if column not in METRICS:
         raise CompkitError(
             f"score column {column!r} is not a registered metric; "
-            "register it with kit.scoring.register_metric first"
+            "register it with kit.metrics.register_metric first"
         )
     keys = ["model", "item_id", "repeat"] if "repeat" in scores.columns else ["model", "item_id"]
     missing = [c for c in ["model", "item_id", column] if c not in scores.columns]
@@ -321,13 +152,10 @@ def add_scores(outcomes: pd.DataFrame, scores: pd.DataFrame, *, column: str) -> 
 
 
 def metric_columns(outcomes: pd.DataFrame) -> dict[str, str]:
-    """Outcome column -> metric name for every metric column present."""
-    out = {}
-    for col in outcomes.columns:
-        name = COLUMN_METRIC.get(col, col)
-        if name in METRICS:
-            out[col] = name
-    return out
+    """Outcome column -> metric name for every registered item metric column present."""
+    return {
+        m.outcome_column: m.name for m in item_metrics() if m.outcome_column in outcomes.columns
+    }
 
 
 def summarize(outcomes: pd.DataFrame, *, by: tuple[str, ...] = ("model", "task")) -> pd.DataFrame:
@@ -363,41 +191,14 @@ def overall(outcomes: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([everything, summarize(outcomes)], ignore_index=True)
 
 
-def aggregate_metrics(
-    outcomes: pd.DataFrame,
-    eval_set: EvalSet,
-    *,
-    slices: pd.DataFrame | None = None,
-    by: Sequence[str] = ("model",),
-) -> pd.DataFrame:
-    """Every :data:`AGGREGATES` metric: ``*by, metric, value, n``.
-
-    ``rare_label_recall`` needs the slices frame (``label_rarity``) and is left out
-    without it.
-    """
-    frames = [
-        fn(outcomes, eval_set, slices=slices, by=by)
-        for name, fn in AGGREGATES.items()
-        if slices is not None or name != "rare_label_recall"
-    ]
-    return pd.concat(frames, ignore_index=True)
-
-
 __all__ = [
-    "AGGREGATES",
-    "COLUMN_METRIC",
-    "METRICS",
     "SCORERS",
-    "MetricInfo",
     "ScoreSource",
     "add_scores",
-    "aggregate_metrics",
     "label_metrics",
     "macro_f1",
     "metric_columns",
     "overall",
-    "rare_label_recall",
-    "register_metric",
     "score_outputs",
     "summarize",
 ]

@@ -3,7 +3,7 @@
 An ``evaluate`` module computes one aggregate over a list of predictions; kit needs a value
 per item, so :class:`EvaluateScorer` calls the module once per distinct (prediction,
 reference) pair and keeps the number the module reports under ``result_key``. The module's
-metric is registered in :data:`kit.scoring.METRICS` with the direction you give, so
+metric is registered in :data:`kit.metrics.METRICS` with the direction you give, so
 comparisons, slices and budget rules treat it like any built-in metric.
 
 Modules are never fetched from the Hub: ``path_or_name`` must be a local module folder
@@ -31,7 +31,7 @@ import pandas as pd
 
 from kit.errors import CompkitError, DependencyMissing
 from kit.evalset import TASKS, EvalItem, EvalSet
-from kit.scoring import MetricInfo, register_metric
+from kit.metrics import MetricSpec, custom_item_metric, register_metric
 
 #: Folder of the ``evaluate`` modules that ship with kit.
 SHIPPED_DIR = Path(__file__).resolve().parent / "evaluate_modules"
@@ -97,7 +97,7 @@ def default_reference(item: EvalItem) -> str | None:
 class EvaluateScorer:
     """A :class:`kit.scoring.ScoreSource` backed by a loaded ``evaluate`` module."""
 
-    info: MetricInfo
+    info: MetricSpec
     module: Any = field(repr=False)
     path: Path
     task: str
@@ -190,10 +190,10 @@ def evaluate_scorer(
     probe = module.compute(predictions=["x"], references=["x"], **dict(compute_kwargs or {}))
     key = _result_key(probe, metric_name, result_key, script)
     info = register_metric(
-        MetricInfo(
+        custom_item_metric(
             metric_name,
             description or _first_line(getattr(module, "description", "")) or script.stem,
-            bool(higher_is_better),
+            higher_is_better=bool(higher_is_better),
             tasks=(task,),
         )
     )

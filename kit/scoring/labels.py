@@ -1,4 +1,4 @@
-"""Classification aggregates: per-label precision / recall / F1, macro F1, rare-label recall.
+"""Classification aggregates: per-label precision / recall / F1 and macro F1.
 
 These metrics are not means of per-item values, so they are computed from the whole
 outcome table (the ``pred`` column of classification rows against the items' labels).
@@ -144,64 +144,9 @@ def macro_f1(
 ) -> pd.DataFrame:
     """Macro F1 per group: ``*by, metric, value, n`` (``metric="macro_f1"``, n = items).
 
-    ``slices`` is accepted for a uniform signature (:data:`kit.scoring.AGGREGATES`) and
-    not used.
+    ``slices`` is accepted for a uniform signature and not used.
     """
     by = list(by)
     table = label_metrics(outcomes, eval_set, by=by)
     macro = table[table["label"] == MACRO].rename(columns={"f1": "value", "support": "n"})
     return _aggregate(macro, by, "macro_f1")
-
-
-def rare_labels(slices: pd.DataFrame) -> list[str]:
-    """Labels whose items have ``label_rarity == "rare"`` in a slices frame, sorted."""
-    missing = [c for c in ("label", "label_rarity") if c not in slices.columns]
-    if missing:
-        raise CompkitError(
-            f"the slices frame lacks column(s) {missing}; use a frozen run's slices "
-            "(kit.evalset.derive_slices adds label and label_rarity)"
-        )
-    rare = slices.loc[slices["label_rarity"] == "rare", "label"].dropna()
-    return sorted(set(rare))
-
-
-def rare_label_recall(
-    outcomes: pd.DataFrame,
-    eval_set: EvalSet,
-    *,
-    slices: pd.DataFrame | None = None,
-    by: Sequence[str] = ("model",),
-) -> pd.DataFrame:
-    """Recall averaged (unweighted) over the rare labels: ``*by, metric, value, n``.
-
-    A label is rare when the frozen slices frame marks its items ``label_rarity="rare"``
-    (its share of classification items is below the study's ``rare_label_threshold``).
-    Each rare label weighs the same, unlike the accuracy of the ``label_rarity=rare``
-    slice, which pools the items (and so is dominated by the most frequent rare label).
-    ``n`` counts the items with a rare label; with no rare label ``value`` is NaN and
-    ``n`` is 0.
-
-    Raises
-    ------
-    CompkitError
-        Without ``slices`` or when it lacks ``label`` / ``label_rarity``.
-    """
-    if slices is None:
-        raise CompkitError(
-            "rare_label_recall needs the slices frame (label_rarity); pass "
-            "slices=load_frozen(run).slices()"
-        )
-    by = list(by)
-    rare = rare_labels(slices)
-    table = label_metrics(outcomes, eval_set, by=by)
-    table = table[table["label"].isin(rare)]
-    if by:
-        groups = label_metrics(outcomes, eval_set, by=by)[by].drop_duplicates()
-        agg = table.groupby(by, sort=True, dropna=False).agg(
-            value=("recall", "mean"), n=("support", "sum")
-        )
-        out = groups.join(agg, on=by)
-    else:
-        out = pd.DataFrame({"value": [table["recall"].mean()], "n": [int(table["support"].sum())]})
-    out["n"] = out["n"].fillna(0).astype(int)
-    return _aggregate(out, by, "rare_label_recall")

@@ -44,7 +44,7 @@ import pandas as pd
 
 from kit.errors import CompkitError, Problem, ValidationError
 from kit.evalset import EvalSet
-from kit.scoring import METRICS, MetricInfo
+from kit.metrics import METRICS, MetricSpec
 
 REVIEW_COLUMNS = [
     "item_id",
@@ -100,12 +100,12 @@ def export_review_sheet(
         shows an empty output and its error in ``notes``.
     """
     from kit.environment import kit_info
+    from kit.run import Run
     from kit.scoring.custom import default_reference
-    from kit.stages.freeze import load_frozen
     from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
 
     _check_scale(scale)
-    frozen = load_frozen(run_dir)
+    frozen = Run.open(run_dir)
     baseline = frozen.manifest.outputs.model
     outputs = {}
     for role, model in (("baseline", baseline), ("candidate", candidate)):
@@ -281,7 +281,7 @@ class ReviewScores:
     """A :class:`kit.scoring.ScoreSource` of imported review scores (``human_score``)."""
 
     sheet: pd.DataFrame
-    info: MetricInfo = METRICS["human_score"]
+    info: MetricSpec = METRICS["human_score"]
 
     def score(self, eval_set: EvalSet, outputs: pd.DataFrame) -> pd.DataFrame:
         """``model, item_id, repeat, human_score`` for the sheet's items.

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from kit import scoring
@@ -34,36 +33,12 @@ from kit.recipes import (
     has_packed_weights,
     model_footprint,
 )
-from kit.runtimes import open_runtime
+from kit.run import CandidateManifest, Run
+from kit.runtimes import check_study_runtimes, open_runtime
 from kit.runtimes.base import Runtime
-from kit.stages.freeze import FrozenRun, load_frozen, require_unchanged
+from kit.stages.freeze import require_unchanged
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
 from kit.study import ModelSpec, Study, load_study
-
-
-class CandidateManifest(BaseModel):
-    """The typed contents of ``candidates/<name>.json``."""
-
-    model_config = ConfigDict(frozen=True)
-    kind: str = "compkit.candidate"
-    name: str
-    spec: dict[str, Any]
-    spec_fingerprint: str
-    recipe: dict[str, Any] | None
-    identity: dict[str, Any]
-    footprint: dict[str, int | None]
-    baseline: str
-    rows: int
-    items: int
-    repeats: int
-    errors: int
-    started_at: str
-    finished_at: str
-    wall_s: float
-
-    @classmethod
-    def load(cls, path: Path) -> CandidateManifest:
-        return cls.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def models_cache(run_dir: Path) -> Path:
@@ -177,8 +152,9 @@ def run_candidates(
     """
     run_dir = Path(run_dir)
     manifest = require_unchanged(run_dir)
-    frozen = load_frozen(run_dir)
+    frozen = Run.open(run_dir)
     study = load_study(manifest.inputs.study_file)
+    check_study_runtimes(study)
     specs = select_candidates(study, only)
     for spec in tqdm(
         specs, desc="candidates", unit="model", disable=not progress or len(specs) < 2
@@ -188,9 +164,7 @@ def run_candidates(
     return candidate_summary(run_dir)
 
 
-def _run_one(
-    spec: ModelSpec, study: Study, frozen: FrozenRun, *, force: bool, progress: bool
-) -> None:
+def _run_one(spec: ModelSpec, study: Study, frozen: Run, *, force: bool, progress: bool) -> None:
     run_dir = frozen.run_dir
     store = OutputStore(run_dir / "outputs" / spec.name)
     stamp = store.root / "_SPEC.json"
@@ -244,28 +218,27 @@ def _run_one(
     atomic_write_text(run_dir / "candidates" / f"{spec.name}.json", cm.model_dump_json(indent=2))
 
 
-def stored_outputs(run_dir: Path) -> pd.DataFrame:
-    """Every model's stored rows (baseline and candidates) in one frame."""
-    frames = [OutputStore(d).read() for d in sorted((run_dir / "outputs").iterdir()) if d.is_dir()]
-    frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def score_run(frozen: FrozenRun, *, sources=()) -> pd.DataFrame:
+def score_run(run: Run, *, sources=()) -> pd.DataFrame:
     """Score every stored output of a run (baseline and candidates) with the frozen
     continuations (for ``acc_norm``) and any extra score ``sources``."""
-    outputs = stored_outputs(frozen.run_dir)
+    outputs = run.outputs()
     if outputs.empty:
-        raise CompkitError(f"{frozen.run_dir}: no stored outputs (run stages 1 and 2 first)")
+        raise CompkitError(f"{run.root}: no stored outputs (run stages 1 and 2 first)")
     return scoring.score_outputs(
-        frozen.eval_set, outputs, continuations=frozen.continuations, sources=sources
+        run.eval_set, outputs, continuations=run.continuations, sources=sources
     )
 
 
-def write_outcomes(frozen: FrozenRun) -> pd.DataFrame:
-    """Score every stored output and write ``outcomes.parquet`` (model x item x repeat)."""
-    outcomes = score_run(frozen)
-    outcomes.to_parquet(frozen.run_dir / "outcomes.parquet", index=False)
+def write_outcomes(run: Run, *, sources=()) -> pd.DataFrame:
+    """Score every stored output and write ``outcomes.parquet`` (model x item x repeat).
+
+    This is the one place outputs are scored: stages 3, 4, 7 and the memo read the file.
+    """
+    from kit.run import OUTCOMES
+    from kit.store import atomic_write_bytes
+
+    outcomes = score_run(run, sources=sources)
+    atomic_write_bytes(run.root / OUTCOMES, outcomes.to_parquet(index=False))
     return outcomes
 
 

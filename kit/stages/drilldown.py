@@ -5,15 +5,17 @@ returns tidy frames; :func:`write_drilldown_tables` stores them under ``tables/`
 provenance file. Nothing here draws: charts come from :mod:`kit.report.charts.comparison`, the
 interactive explorer from :mod:`kit.report.widgets`.
 
-Only the run folder is read (its frozen copies are the truth; ``load_frozen`` verifies the
-eval set's hash). The inputs' drift check (``compkit check``) guards running models, not
-re-reading their stored outputs, so it is not repeated here.
+Only the run folder is read: the frozen inputs (:class:`kit.run.Run` verifies the eval set's
+hash) and ``outcomes.parquet``, the scores stage 2 wrote once; nothing is re-scored here.
 
 Tables (``runs/NAME/tables/``)
 ------------------------------
 ``overall_deltas``     candidates vs baseline over all items (:data:`kit.analysis.compare.RESULT_COLUMNS`)
-``slice_table``        the same per value of every slice column (overall rows first)
-``flips``              flip counts and rates, overall and per slice (``flip_table``)
+``slice_table``        the same per value of every slice column (overall rows first), plus
+                       ``recall`` rows on label-defined slices; the evidence of item metrics
+``flips``              flip counts and rates per binary metric, overall and per slice
+``flip_evidence``      ``flip_rate`` (accuracy right->wrong + wrong->right) with its interval
+``label_evidence``     ``macro_f1`` per candidate and slice with BCa intervals
 ``noise_floor``        the baseline against its own repeats (empty with one repeat)
 ``worst_slices``       slices ranked by CI-aware drop of ``metric`` (``worst_slices``)
 ``discovered_slices``  conjunctions of slice values where right->wrong flips concentrate
@@ -28,18 +30,30 @@ Example
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from kit.analysis.compare import flip_table, item_flips, noise_floor
-from kit.analysis.slices import default_slice_columns, discover_slices, slice_table, worst_slices
+from kit.analysis.compare import RESULT_COLUMNS, flip_table, item_flips, noise_floor
+from kit.analysis.labels import macro_f1_evidence
+from kit.analysis.slices import (
+    DISCOVERY_COLUMNS,
+    attach_slices,
+    default_slice_columns,
+    discover_slices,
+    slice_table,
+    worst_slices,
+)
+from kit.budget.grammar import LABEL_SLICES
 from kit.errors import CompkitError
 from kit.evalset import EvalItem, EvalSet
-from kit.scoring import ScoreSource, label_metrics, metric_columns
+from kit.run import Run
+from kit.scoring import label_metrics, metric_columns
+from kit.stats.intervals import proportion_ci
+from kit.study import file_sha256
 
 FAILING_COLUMNS = [
     "item_id",
@@ -57,28 +71,15 @@ FAILING_COLUMNS = [
 # --------------------------------------------------------------------------- loading
 
 
-def run_models(run_dir: str | Path) -> tuple[str, list[str]]:
+def run_models(run: str | Path | Run) -> tuple[str, list[str]]:
     """The baseline's name and the candidates with stored outputs, sorted."""
-    from kit.stages.freeze import BaselineManifest
-
-    run_dir = Path(run_dir)
-    baseline = BaselineManifest.load(run_dir).outputs.model
-    folder = run_dir / "outputs"
-    names = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
-    return baseline, [n for n in names if n != baseline]
+    run = Run.open(run)
+    return run.baseline, run.candidates()
 
 
-def load_run_outcomes(run_dir: str | Path, *, sources: Sequence[ScoreSource] = ()) -> pd.DataFrame:
-    """Score every stored output of a run with the frozen continuations.
-
-    The outcome table of :func:`kit.scoring.score_outputs` for the baseline and every
-    candidate, including ``choice_correct_norm`` (``acc_norm``, which needs the frozen
-    continuations) and any extra ``sources`` (review scores, ``evaluate`` scorers).
-    """
-    from kit.stages.candidates import score_run
-    from kit.stages.freeze import load_frozen
-
-    return score_run(load_frozen(run_dir), sources=sources)
+def load_run_outcomes(run: str | Path | Run) -> pd.DataFrame:
+    """The run's ``outcomes.parquet`` (scored once by stage 2; never re-scored here)."""
+    return Run.open(run).outcomes()
 
 
 # --------------------------------------------------------------------------- examples
@@ -229,19 +230,21 @@ def _column_of(outcomes: pd.DataFrame, metric: str) -> str:
 
 
 def failing_examples(
-    run_dir: str | Path,
+    run: str | Path | Run,
     *,
     candidate: str,
     k: int = 10,
     slice: str | Mapping[str, str] | None = None,
+    metric: str = "correct",
+    flip: str = "right_to_wrong",
     outcomes: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Items the baseline got right and ``candidate`` got wrong, side by side.
+    """Items of one flip kind (default: right with the baseline, wrong with ``candidate``).
 
     Parameters
     ----------
-    run_dir
-        The run folder.
+    run
+        The run folder (or :class:`~kit.run.Run`).
     candidate
         A candidate with stored outputs.
     k
@@ -249,8 +252,10 @@ def failing_examples(
     slice
         Only items in this slice: ``"language=de"``, ``"channel=email & language=de"``
         (the form :func:`kit.analysis.slices.discover_slices` reports) or a mapping.
+    metric, flip
+        The binary metric and the flip kind (:data:`kit.analysis.compare.FLIP_KINDS`).
     outcomes
-        An already loaded :func:`load_run_outcomes` table (saves re-scoring).
+        An already loaded ``outcomes.parquet`` (saves reading it again).
 
     Returns
     -------
@@ -258,20 +263,18 @@ def failing_examples(
         :data:`FAILING_COLUMNS` (+ the slice's columns): input, reference, baseline output
         and candidate output as plain text.
     """
-    from kit.stages.candidates import stored_outputs
-    from kit.stages.freeze import load_frozen
-
-    frozen = load_frozen(run_dir)
-    outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
+    run = Run.open(run)
     return side_by_side(
-        outcomes,
-        stored_outputs(frozen.run_dir),
-        frozen.eval_set,
-        baseline=frozen.manifest.outputs.model,
+        run.outcomes() if outcomes is None else outcomes,
+        run.outputs([run.baseline, candidate]),
+        run.eval_set,
+        baseline=run.baseline,
         candidate=candidate,
-        slices=frozen.slices(),
+        slices=run.slices(),
         k=k,
         slice=slice,
+        metric=metric,
+        flip=flip,
     )
 
 
@@ -285,6 +288,8 @@ class DrilldownTables:
     overall_deltas: pd.DataFrame
     slice_table: pd.DataFrame
     flips: pd.DataFrame
+    flip_evidence: pd.DataFrame
+    label_evidence: pd.DataFrame
     noise_floor: pd.DataFrame
     worst_slices: pd.DataFrame
     discovered_slices: pd.DataFrame
@@ -295,22 +300,37 @@ class DrilldownTables:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def read_drilldown_tables(run_dir: str | Path) -> DrilldownTables:
-    """Load the tables :func:`write_drilldown_tables` stored under ``run_dir/tables/``.
+def read_drilldown_tables(run: str | Path | Run) -> DrilldownTables:
+    """Load the tables :func:`write_drilldown_tables` stored under ``tables/``.
 
     Raises
     ------
     CompkitError
         When a table file is missing (run the drill-down first).
     """
-    folder = Path(run_dir) / "tables"
-    frames = {}
-    for f in fields(DrilldownTables):
-        path = folder / f"{f.name}.parquet"
-        if not path.is_file():
-            raise CompkitError(f"{path}: missing; run write_drilldown_tables (notebook 03) first")
-        frames[f.name] = pd.read_parquet(path)
-    return DrilldownTables(**frames)
+    run = Run.open(run)
+    return DrilldownTables(**{f.name: run.table(f.name) for f in fields(DrilldownTables)})
+
+
+def binary_metrics(outcomes: pd.DataFrame) -> list[str]:
+    """Registered 0/1 item metrics with values in ``outcomes`` (flips exist for these)."""
+    out = []
+    for column, name in metric_columns(outcomes).items():
+        values = outcomes[column].to_numpy(dtype=float)
+        finite = values[~np.isnan(values)]
+        if finite.size and np.isin(finite, (0.0, 1.0)).all():
+            out.append(name)
+    return out
+
+
+def recall_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """``recall`` evidence: the accuracy rows of label-defined slices (``label_rarity``).
+
+    Recall of a set of gold labels is the accuracy on the items carrying them, so "rare-label
+    recall" is judged on these rows (recall pooled over the slice's items).
+    """
+    rows = table[(table["metric"] == "accuracy") & table["slice"].isin(LABEL_SLICES)]
+    return rows.assign(metric="recall")
 
 
 def drilldown_frames(
@@ -318,10 +338,11 @@ def drilldown_frames(
     slices: pd.DataFrame,
     *,
     baseline: str,
+    confidence: float = 0.95,
     metric: str = "accuracy",
-    n_resamples: int = 1000,
+    n_resamples: int = 2000,
     seed: int = 0,
-    min_n: int = 30,
+    min_n: int = 5,
     k: int = 10,
     eval_set: EvalSet | None = None,
 ) -> DrilldownTables:
@@ -332,18 +353,20 @@ def drilldown_frames(
     outcomes
         Outcome table with the baseline and at least one candidate.
     slices
-        Slices frame (``id`` + slice columns), e.g. ``FrozenRun.slices()``.
+        Slices frame (``id`` + slice columns), e.g. ``Run.slices()``.
     baseline
         The baseline's model name.
+    confidence
+        Level of every interval (the study's ``confidence``).
     metric
-        Metric ranked by ``worst_slices`` (flips and discovery always use ``correct``).
+        Metric ranked by ``worst_slices``.
     n_resamples, seed
-        Bootstrap settings shared by every table.
+        Bootstrap settings (metrics that are not 0/1 per item, macro F1).
     min_n, k
         Smallest slice ranked by ``worst_slices`` and how many per model; ``k`` is also the
-        number of discovered slices per candidate.
+        number of discovered slices per candidate and metric.
     eval_set
-        Needed for ``label_metrics`` (empty without it).
+        Needed for ``label_metrics`` and ``label_evidence`` (empty without it).
     """
     columns = default_slice_columns(slices)
     table = slice_table(
@@ -351,102 +374,144 @@ def drilldown_frames(
         slices,
         baseline=baseline,
         slice_columns=columns,
+        confidence=confidence,
         n_resamples=n_resamples,
         seed=seed,
     )
-    merged = outcomes.drop(columns=[c for c in columns if c in outcomes.columns]).join(
-        slices.set_index("id")[columns], on="item_id"
+    table = pd.concat([table, recall_rows(table)], ignore_index=True)
+    merged = attach_slices(outcomes, slices, columns)
+    floor = noise_floor(
+        merged,
+        baseline=baseline,
+        by=columns,
+        confidence=confidence,
+        n_resamples=n_resamples,
+        seed=seed,
     )
-    floor = noise_floor(merged, baseline=baseline, by=columns, n_resamples=n_resamples, seed=seed)
-    discovered = []
     candidates = [m for m in dict.fromkeys(outcomes["model"]) if m != baseline]
-    for model in candidates:
-        flags = item_flips(outcomes, baseline=baseline, candidates=model)
-        found = discover_slices(flags, slices, columns=columns, k=k)
-        discovered.append(found.assign(model=model)[["model", *found.columns]])
-    labels = (
-        label_metrics(outcomes, eval_set)
-        if eval_set is not None
-        else pd.DataFrame(columns=["model", "label", "precision", "recall", "f1", "support"])
+    flip_metrics = binary_metrics(outcomes)
+    flips = pd.concat(
+        [flip_table(merged, baseline=baseline, by=columns, metric=m) for m in flip_metrics],
+        ignore_index=True,
     )
     return DrilldownTables(
         overall_deltas=table[table["slice"] == "overall"].reset_index(drop=True),
         slice_table=table,
-        flips=flip_table(merged, baseline=baseline, by=columns),
+        flips=flips,
+        flip_evidence=flip_rate_evidence(flips, confidence=confidence),
+        label_evidence=_label_evidence(
+            outcomes, eval_set, slices, baseline, candidates, columns, confidence, n_resamples, seed
+        ),
         noise_floor=floor,
         worst_slices=worst_slices(table, metric=metric, k=k, min_n=min_n),
-        discovered_slices=pd.concat(discovered, ignore_index=True),
-        label_metrics=labels,
+        discovered_slices=_discovered(
+            outcomes, slices, baseline, candidates, flip_metrics, columns, k
+        ),
+        label_metrics=(
+            label_metrics(outcomes, eval_set)
+            if eval_set is not None
+            else pd.DataFrame(columns=["model", "label", "precision", "recall", "f1", "support"])
+        ),
     )
 
 
-def drilldown_tables(
-    run_dir: str | Path,
-    *,
-    metric: str = "accuracy",
-    n_resamples: int = 1000,
-    seed: int = 0,
-    min_n: int = 30,
-    k: int = 10,
-    outcomes: pd.DataFrame | None = None,
-) -> DrilldownTables:
-    """:func:`drilldown_frames` for a run folder (outcomes from :func:`load_run_outcomes`)."""
-    from kit.stages.freeze import load_frozen
-
-    frozen = load_frozen(run_dir)
-    outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
-    return drilldown_frames(
+def _label_evidence(
+    outcomes, eval_set, slices, baseline, candidates, columns, confidence, n_resamples, seed
+):
+    if eval_set is None or not any(it.task == "classification" for it in eval_set.items):
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    return macro_f1_evidence(
         outcomes,
-        frozen.slices(),
-        baseline=frozen.manifest.outputs.model,
-        metric=metric,
+        eval_set,
+        baseline=baseline,
+        candidates=candidates,
+        slices=slices,
+        slice_columns=[c for c in columns if c != "label_rarity"],
+        confidence=confidence,
         n_resamples=n_resamples,
         seed=seed,
-        min_n=min_n,
-        k=k,
-        eval_set=frozen.eval_set,
     )
+
+
+def _discovered(outcomes, slices, baseline, candidates, metrics, columns, k) -> pd.DataFrame:
+    """Slices where right->wrong flips concentrate, per candidate and primary metric."""
+    frames = []
+    for name in [m for m in ("accuracy", "choice_accuracy") if m in metrics]:
+        for model in candidates:
+            flags = item_flips(outcomes, baseline=baseline, candidates=model, metric=name)
+            found = discover_slices(flags, slices, columns=columns, k=k)
+            frames.append(found.assign(model=model, metric=name))
+    if not frames:
+        return pd.DataFrame(columns=["model", "metric", *DISCOVERY_COLUMNS])
+    out = pd.concat(frames, ignore_index=True)
+    return out[["model", "metric", *[c for c in out.columns if c not in ("model", "metric")]]]
+
+
+def flip_rate_evidence(flips: pd.DataFrame, *, confidence: float = 0.95) -> pd.DataFrame:
+    """``flip_rate`` evidence from :func:`kit.analysis.compare.flip_table` rows (accuracy).
+
+    The share of paired items whose accuracy flipped (right->wrong + wrong->right), with its
+    Clopper–Pearson interval, per model and slice.
+    """
+    part = flips[flips["metric"] == "accuracy"]
+    if part.empty:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    keys = ["model", "slice", "slice_value"]
+    n = part.groupby(keys, sort=False)["n"].first()
+    moved = part[part["flip"].isin(["right_to_wrong", "wrong_to_right"])]
+    count = moved.groupby(keys, sort=False)["count"].sum().reindex(n.index, fill_value=0)
+    low, high = proportion_ci(count.to_numpy(), n.to_numpy(), confidence=confidence)
+    out = n.reset_index()[keys].assign(
+        metric="flip_rate",
+        n=n.to_numpy(),
+        value=count.to_numpy() / n.to_numpy(),
+        value_ci_low=low,
+        value_ci_high=high,
+        value_method="clopper_pearson",
+        confidence=confidence,
+        note="",
+    )
+    return out.reindex(columns=RESULT_COLUMNS)
 
 
 def write_drilldown_tables(
-    run_dir: str | Path,
+    run: str | Path | Run,
     *,
     metric: str = "accuracy",
-    n_resamples: int = 1000,
+    n_resamples: int = 2000,
     seed: int = 0,
-    min_n: int = 30,
+    min_n: int = 5,
     k: int = 10,
-    outcomes: pd.DataFrame | None = None,
 ) -> DrilldownTables:
-    """Compute :func:`drilldown_tables` and write them to ``run_dir/tables/``.
+    """Compute every drill-down table of a run and write them to ``tables/``.
 
-    Writes ``<name>.parquet`` per table and ``drilldown.json`` (parameters, baseline,
-    candidates, kit version and git sha, eval-set hash, sha256 of each file, time).
-    Files are replaced atomically; returns the tables.
+    Reads ``outcomes.parquet`` (stage 2) and the frozen slices; every interval has the
+    study's ``confidence``. Writes ``<name>.parquet`` per table and ``drilldown.json``
+    (parameters, baseline, candidates, kit version and git sha, eval-set hash, sha256 of each
+    file, time), atomically; returns the tables.
     """
     from kit.environment import kit_info
-    from kit.stages.freeze import load_frozen
-    from kit.store import atomic_write_bytes, atomic_write_json, now_iso
+    from kit.store import atomic_write_json, now_iso
 
-    frozen = load_frozen(run_dir)
-    tables = drilldown_tables(
-        run_dir,
+    run = Run.open(run)
+    tables = drilldown_frames(
+        run.outcomes(),
+        run.slices(),
+        baseline=run.baseline,
+        confidence=run.confidence,
         metric=metric,
         n_resamples=n_resamples,
         seed=seed,
         min_n=min_n,
         k=k,
-        outcomes=outcomes,
+        eval_set=run.eval_set,
     )
-    folder = frozen.run_dir / "tables"
     files = {}
     for name, frame in tables.frames().items():
-        data = frame.to_parquet(index=False)
-        atomic_write_bytes(folder / f"{name}.parquet", data)
-        files[f"{name}.parquet"] = {"rows": len(frame), "sha256": hashlib.sha256(data).hexdigest()}
-    baseline, candidates = run_models(frozen.run_dir)
+        path = run.write_table(name, frame)
+        files[path.name] = {"rows": len(frame), "sha256": file_sha256(path)}
     atomic_write_json(
-        folder / "drilldown.json",
+        run.tables_dir / "drilldown.json",
         {
             "kind": "compkit.drilldown",
             "parameters": {
@@ -455,10 +520,11 @@ def write_drilldown_tables(
                 "seed": seed,
                 "min_n": min_n,
                 "k": k,
+                "confidence": run.confidence,
             },
-            "baseline": baseline,
-            "candidates": candidates,
-            "eval_set_sha256": frozen.eval_set.sha256,
+            "baseline": run.baseline,
+            "candidates": run.candidates(),
+            "eval_set_sha256": run.eval_set.sha256,
             "kit": kit_info().model_dump(),
             "files": files,
             "created_at": now_iso(),

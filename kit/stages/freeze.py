@@ -23,19 +23,16 @@ import difflib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
 from kit import scoring
 from kit.budget.grammar import load_budget, slice_vocabulary
 from kit.environment import (
     OUTPUT_LIBRARIES,
-    Hardware,
-    KitInfo,
     hardware,
     kit_info,
     library_versions,
@@ -46,91 +43,15 @@ from kit.evalset import (
     derive_slices,
     length_bucket_labels,
     load_eval_set,
-    load_frozen_items,
     stratified_sample,
 )
 from kit.execute import RunPlan, run_model
 from kit.prompts import PromptBuilder, template_sha256
-from kit.runtimes import open_runtime, runtime_class
-from kit.runtimes.base import Prompt, Runtime
+from kit.run import MANIFEST, PENDING, BaselineManifest, FrozenInputs, OutputsSummary
+from kit.runtimes import check_study_runtimes, open_runtime, runtime_class
+from kit.runtimes.base import Runtime
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
-from kit.study import SamplingConfig, Study, file_sha256, load_study
-
-MANIFEST = "manifest.json"
-PENDING = "pending.json"
-SCHEMA_VERSION = 1
-
-
-class FrozenInputs(BaseModel):
-    """Everything that, if changed, makes a comparison with this baseline unfair."""
-
-    model_config = ConfigDict(frozen=True)
-    study_file: str
-    study_sha256: str
-    eval_set_path: str
-    eval_set_sha256: str
-    eval_set_rows: int
-    eval_set_config: dict[str, Any]
-    template_path: str
-    template_sha256: str
-    prompt: dict[str, Any]
-    sampling: dict[str, Any]
-    repeats: int
-    baseline: dict[str, Any]
-    baseline_fingerprint: str
-    budget_path: str | None
-    budget_sha256: str | None
-
-    def key(self) -> dict[str, Any]:
-        """The parts a resumed freeze must share with the interrupted one."""
-        return self.model_dump(
-            exclude={"study_file", "study_sha256", "budget_path", "budget_sha256"}
-        )
-
-
-class OutputsSummary(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    model: str
-    path: str
-    rows: int
-    items: int
-    repeats: int
-    errors: int
-
-
-class BaselineManifest(BaseModel):
-    """The typed contents of ``manifest.json``."""
-
-    model_config = ConfigDict(frozen=True)
-    schema_version: int = SCHEMA_VERSION
-    kind: str = "compkit.baseline"
-    study: str
-    created_at: str
-    inputs: FrozenInputs
-    model: dict[str, Any]  # kit.runtimes.base.ModelIdentity as a dict
-    hardware: Hardware
-    libraries: dict[str, str | None]
-    kit: KitInfo
-    outputs: OutputsSummary
-    slice_columns: list[str]
-    scores: list[dict[str, Any]] = Field(description="tidy model/task/metric/value/n records")
-    timings: dict[str, float]
-
-    @classmethod
-    def load(cls, run_dir: Path) -> BaselineManifest:
-        path = Path(run_dir) / MANIFEST
-        if not path.is_file():
-            raise CompkitError(
-                f"{run_dir}: not a frozen run (no {MANIFEST}); run `compkit freeze` first"
-            )
-        try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise CompkitError(f"{path}: unreadable manifest: {exc}") from exc
-
-    def scores_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.scores)
-
+from kit.study import Study, file_sha256, load_study
 
 # --------------------------------------------------------------------------- freeze
 
@@ -159,6 +80,7 @@ def load_study_eval_set(study: Study) -> EvalSet:
 def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, FrozenInputs]:
     """Load and validate every input; renders every prompt. Writes nothing."""
     study = load_study(study_path)
+    check_study_runtimes(study)
     cfg = study.eval_set
     eval_set = load_study_eval_set(study)
     builder = PromptBuilder(
@@ -364,52 +286,6 @@ def _write_frozen_copies(
                 )
                 + "\n"
             )
-
-
-@dataclass(frozen=True)
-class FrozenRun:
-    """A frozen run read back: the exact items and prompts every model must see."""
-
-    run_dir: Path
-    manifest: BaselineManifest
-    eval_set: EvalSet
-    prompts: dict[str, Prompt]
-    continuations: dict[str, tuple[str, ...]]
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(**self.manifest.inputs.sampling)
-
-    def slices(self) -> pd.DataFrame:
-        return pd.read_parquet(self.run_dir / "frozen" / "slices.parquet")
-
-
-def load_frozen(run_dir: str | Path) -> FrozenRun:
-    """Read a frozen run's manifest, items and rendered prompts (no drift check: see
-    :func:`require_unchanged`)."""
-    run_dir = Path(run_dir)
-    manifest = BaselineManifest.load(run_dir)
-    user_cols = [
-        c
-        for c in manifest.slice_columns
-        if c not in ("task", "language", "length_bucket", "label_rarity")
-    ]
-    eval_set = load_frozen_items(run_dir / "frozen" / "eval_set.jsonl", slice_columns=user_cols)
-    if eval_set.sha256 != manifest.inputs.eval_set_sha256:
-        raise CompkitError(
-            f"{run_dir}/frozen/eval_set.jsonl does not match the manifest's eval-set hash; "
-            "the run folder was edited by hand"
-        )
-    prompts: dict[str, Prompt] = {}
-    conts: dict[str, tuple[str, ...]] = {}
-    with open(run_dir / "frozen" / "prompts.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            msgs = tuple(rec["messages"]) if rec["messages"] is not None else None
-            prompts[rec["id"]] = Prompt(messages=msgs, text=rec["text"])
-            if rec.get("continuations"):
-                conts[rec["id"]] = tuple(rec["continuations"])
-    return FrozenRun(run_dir, manifest, eval_set, prompts, conts)
 
 
 # --------------------------------------------------------------------------- check

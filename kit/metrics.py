@@ -1,0 +1,616 @@
+"""The one metric registry: every metric any stage emits, declared once.
+
+Scoring, calibration, the drill-down, the budget grammar, the judge, the memo and the charts
+read a metric's name, unit, direction, stage, interval methods and budget phrases from
+:data:`METRICS`; nothing else declares them. ``tests/test_metrics.py`` checks that every
+metric a stage emits is registered (so judgeable) and that every registered metric is emitted
+by the stage it names.
+
+Kinds
+-----
+``item``
+    a per-item outcome column of ``outcomes.parquet`` (``column``), compared item by item
+    (paired): ``binary`` metrics (0/1 per item) get score / exact intervals
+    (:mod:`kit.stats.intervals`), ``bounded`` ones (a value in [0, 1] per item: chrF, a
+    human score, or a binary metric averaged over repeats) the paired BCa bootstrap, which
+    needs :data:`BOOTSTRAP_MIN_N` items.
+``aggregate``
+    computed by a stage over a set of items (ECE, macro F1, a latency percentile, the flip
+    rate); the stage writes its value and intervals as evidence rows with the method named.
+
+Units: ``share`` (a fraction shown as a percentage; rules speak of points and percent),
+``score`` (0–1 shown plainly), ``ms``, ``s``, ``MB``, ``USD``, ``requests/s``, ``tokens/s``,
+``nats``.
+
+Example
+-------
+>>> METRICS["json_parse_failure"].higher_is_better
+False
+>>> metric_for_column("correct").name
+'accuracy'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kit.errors import CompkitError
+
+Kind = Literal["item", "aggregate"]
+Scale = Literal["binary", "bounded", "unbounded"]
+#: Stages that emit metrics, in pipeline order; a metric's ``stage`` is one of them.
+STAGES = ("scoring", "comparison", "calibration", "robustness", "serving", "routing")
+#: Fewest paired items a bootstrap interval is trusted with; below it a rule stays undecided.
+BOOTSTRAP_MIN_N = 30
+UNITS = ("share", "score", "ms", "s", "MB", "USD", "requests/s", "tokens/s", "nats", "ratio")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric's metadata.
+
+    Parameters
+    ----------
+    name
+        The metric's name in every table (``model, slice, slice_value, metric, ...``).
+    description
+        One line the memo and ``compkit`` help show.
+    higher_is_better
+        The direction; rules such as "must not get worse" read it.
+    stage
+        The stage that emits it (:data:`STAGES`).
+    unit
+        How values are expressed and formatted (:data:`UNITS`).
+    kind, scale
+        See the module docstring.
+    column
+        The outcome column of an ``item`` metric (default: its name).
+    tasks
+        Tasks the metric applies to (empty: every task).
+    phrases
+        Extra ways a budget sentence may name it (the name with spaces always works).
+    value_range
+        The values the metric can take; a budget threshold outside it is refused.
+    intervals
+        ``(value, change, relative change)`` interval methods (:mod:`kit.stats.intervals`
+        names) the evidence uses for this metric; ``bounded`` item metrics use the BCa
+        bootstrap whatever is declared.
+    table
+        The evidence table the stage writes this metric to (``tables/<table>.parquet``).
+    """
+
+    name: str
+    description: str
+    higher_is_better: bool
+    stage: str
+    unit: str = "share"
+    kind: Kind = "item"
+    scale: Scale = "binary"
+    column: str | None = None
+    tasks: tuple[str, ...] = ()
+    phrases: tuple[str, ...] = ()
+    value_range: tuple[float, float] = (0.0, 1.0)
+    intervals: tuple[str, str, str] = ("clopper_pearson", "tango_cc", "tang_cc")
+    table: str = "slice_table"
+    builtin: bool = field(default=True, compare=False)
+
+    @property
+    def outcome_column(self) -> str:
+        return self.column or self.name
+
+    @property
+    def fractional(self) -> bool:
+        """Shares and scores are fractions in [0, 1] (rules write them in percent / points)."""
+        return self.unit in ("share", "score")
+
+
+def _item(name, description, higher, *, tasks=(), column=None, phrases=(), scale="binary"):
+    return MetricSpec(
+        name,
+        description,
+        higher,
+        "scoring",
+        "share" if scale == "binary" else "score",
+        column=column,
+        tasks=tuple(tasks),
+        phrases=tuple(phrases),
+        scale=scale,
+    )
+
+
+_CHOICE = ("classification", "multiple_choice")
+_BOOT = ("bca_bootstrap", "bca_bootstrap", "bca_bootstrap")
+_LATENCY = ("order_statistic", "bca_bootstrap", "bca_bootstrap")
+_INF = float("inf")
+
+
+def _latency(name: str, what: str, q: str, phrases: Iterable[str]) -> MetricSpec:
+    return MetricSpec(
+        name,
+        f"{q} {what} (ms) under the serving profile named by the slice",
+        False,
+        "serving",
+        "ms",
+        kind="aggregate",
+        scale="unbounded",
+        phrases=tuple(phrases),
+        value_range=(0.0, _INF),
+        intervals=_LATENCY,
+        table="serving_evidence",
+    )
+
+
+def _latency_phrases(q: str, words: Iterable[str]) -> list[str]:
+    names = {"50": ("p50", "median", "50th percentile"), "90": ("p90", "90th percentile")}
+    names |= {"95": ("p95", "95th percentile"), "99": ("p99", "99th percentile")}
+    return [f"{prefix} {w}" for prefix in names[q] for w in words]
+
+
+_TTFT_WORDS = ("first token latency", "time to first token", "ttft", "first token time")
+_E2E_WORDS = ("end to end latency", "e2e latency", "request latency", "latency")
+
+
+def _serving(name, description, higher, unit, *, phrases=(), intervals=_BOOT, rng=(0.0, _INF)):
+    return MetricSpec(
+        name,
+        description,
+        higher,
+        "serving",
+        unit,
+        kind="aggregate",
+        scale="unbounded" if unit not in ("share", "score") else "bounded",
+        phrases=tuple(phrases),
+        value_range=rng,
+        intervals=intervals,
+        table="serving_evidence",
+    )
+
+
+def _calibration(name, description, higher, *, phrases=(), unit="score"):
+    return MetricSpec(
+        name,
+        description,
+        higher,
+        "calibration",
+        unit,
+        kind="aggregate",
+        scale="bounded",
+        phrases=tuple(phrases),
+        intervals=_BOOT,
+        table="calibration_comparison",
+    )
+
+
+_BUILTIN: list[MetricSpec] = [
+    # ---------------------------------------------------------------- scoring (item metrics)
+    _item(
+        "accuracy",
+        "share of items answered correctly (each task's primary outcome)",
+        True,
+        column="correct",
+        phrases=("overall accuracy", "answer accuracy", "correctness"),
+    ),
+    _item(
+        "choice_accuracy",
+        "accuracy of the highest-probability option (logprob scoring)",
+        True,
+        tasks=_CHOICE,
+        column="choice_correct",
+        phrases=("choice accuracy", "logprob accuracy"),
+    ),
+    _item(
+        "choice_accuracy_norm",
+        "accuracy of the option with the highest logprob per character of its text "
+        "(lm-evaluation-harness acc_norm)",
+        True,
+        tasks=_CHOICE,
+        column="choice_correct_norm",
+        phrases=("normalized choice accuracy", "acc norm", "length normalized accuracy"),
+    ),
+    _item(
+        "recall",
+        "share of a label's items predicted as that label, pooled over the labels of a "
+        "label-defined slice (label_rarity): 'rare-label recall'",
+        True,
+        tasks=("classification",),
+        column="correct",
+        phrases=("label recall", "intent recall", "class recall"),
+    ),
+    _item(
+        "json_parse_failure",
+        "share of outputs that are not strict JSON (no repair)",
+        False,
+        tasks=("extraction", "tool_call"),
+        phrases=(
+            "json parse failure rate",
+            "json failure",
+            "parse failure",
+            "invalid json",
+            "unparsable json",
+        ),
+    ),
+    _item(
+        "field_accuracy",
+        "share of extraction fields exactly right (null = not found)",
+        True,
+        tasks=("extraction",),
+        scale="bounded",
+        phrases=("extraction field accuracy",),
+    ),
+    _item(
+        "not_found_correct",
+        "share of absent fields returned as null",
+        True,
+        tasks=("extraction",),
+        scale="bounded",
+        phrases=("not found accuracy", "null accuracy"),
+    ),
+    _item(
+        "hallucinated_field_rate",
+        "share of absent fields returned with a value",
+        False,
+        tasks=("extraction",),
+        scale="bounded",
+        phrases=("hallucinated field", "field hallucination", "hallucination rate"),
+    ),
+    _item(
+        "missed_field_rate",
+        "share of present fields returned as null",
+        False,
+        tasks=("extraction",),
+        scale="bounded",
+        phrases=("missed field",),
+    ),
+    _item(
+        "refusal_rate",
+        "share of outputs that refuse",
+        False,
+        tasks=("refusal",),
+        column="refused",
+        phrases=("refusal",),
+    ),
+    _item(
+        "unsafe_compliance",
+        "share of harmful requests answered instead of refused",
+        False,
+        tasks=("refusal",),
+        phrases=("unsafe compliance rate", "harmful compliance"),
+    ),
+    _item(
+        "over_refusal",
+        "share of benign requests refused",
+        False,
+        tasks=("refusal",),
+        phrases=("over refusal rate", "false refusal"),
+    ),
+    _item(
+        "valid_call",
+        "share of outputs that are a well-formed tool call",
+        True,
+        tasks=("tool_call",),
+        phrases=("valid tool call",),
+    ),
+    _item(
+        "right_tool",
+        "share of calls naming the expected tool",
+        True,
+        tasks=("tool_call",),
+        phrases=("tool selection accuracy", "right tool rate"),
+    ),
+    _item(
+        "args_exact",
+        "share of calls with exactly the expected arguments",
+        True,
+        tasks=("tool_call",),
+        phrases=("exact argument", "exact arguments"),
+    ),
+    _item(
+        "args_partial",
+        "mean share of expected arguments matched",
+        True,
+        tasks=("tool_call",),
+        scale="bounded",
+        phrases=("partial argument", "partial arguments"),
+    ),
+    _item(
+        "chrf",
+        "chrF similarity to the reference (0-1, sacrebleu)",
+        True,
+        tasks=("generation",),
+        scale="bounded",
+        phrases=("chrf score",),
+    ),
+    _item(
+        "human_score",
+        "reviewer score from an imported review sheet, on 0-1 (0-5 sheets divided by 5)",
+        True,
+        tasks=("generation",),
+        scale="bounded",
+        phrases=("reviewer score", "review score"),
+    ),
+    _item(
+        "error_rate",
+        "share of requests that failed during the eval run (timeouts, server errors)",
+        False,
+        column="error",
+        phrases=("request error", "failed request"),
+    ),
+    # ---------------------------------------------------------------- comparison (stage 3)
+    MetricSpec(
+        "flip_rate",
+        "share of paired items whose primary outcome flipped (right->wrong + wrong->right)",
+        False,
+        "comparison",
+        kind="aggregate",
+        phrases=("flip", "answer flip", "answer flip rate"),
+        intervals=("clopper_pearson", "clopper_pearson", "clopper_pearson"),
+        table="flips",
+    ),
+    MetricSpec(
+        "macro_f1",
+        "unweighted mean of the per-label F1 scores (classification)",
+        True,
+        "comparison",
+        "score",
+        kind="aggregate",
+        scale="bounded",
+        tasks=("classification",),
+        phrases=("macro f1 score", "macro averaged f1"),
+        intervals=_BOOT,
+        table="label_evidence",
+    ),
+    # ---------------------------------------------------------------- calibration (stage 4)
+    _calibration(
+        "ece",
+        "expected calibration error, uniform bins (0-1)",
+        False,
+        phrases=("expected calibration error", "calibration error"),
+    ),
+    _calibration(
+        "ece_adaptive",
+        "expected calibration error, equal-mass bins",
+        False,
+        phrases=("adaptive ece",),
+    ),
+    _calibration(
+        "mce",
+        "maximum calibration error over non-empty uniform bins",
+        False,
+        phrases=("maximum calibration error",),
+    ),
+    _calibration(
+        "brier", "mean squared error of confidence vs correctness", False, phrases=("brier score",)
+    ),
+    _calibration(
+        "accuracy_at_coverage",
+        "accuracy on the most confident predictions at the study's calibration coverage "
+        "(threshold rule; 80% by default)",
+        True,
+        phrases=("selective accuracy", "accuracy at coverage"),
+        unit="share",
+    ),
+    _calibration(
+        "admits_uncertainty_rate",
+        "share of items flagged admits_uncertainty whose answer says the context lacks it",
+        True,
+        phrases=("admits uncertainty", "uncertainty admission rate"),
+        unit="share",
+    ),
+    # ---------------------------------------------------------------- serving (stage 5)
+    *(
+        _latency(f"ttft_p{q}_ms", "time to first token", f"p{q}", _latency_phrases(q, _TTFT_WORDS))
+        for q in ("50", "90", "95", "99")
+    ),
+    *(
+        _latency(
+            f"e2e_p{q}_ms", "end-to-end request latency", f"p{q}", _latency_phrases(q, _E2E_WORDS)
+        )
+        for q in ("50", "90", "95", "99")
+    ),
+    _latency(
+        "tpot_p50_ms", "time per output token", "median", ("median time per output token", "tpot")
+    ),
+    _latency("itl_p95_ms", "inter-token latency", "p95", ("p95 inter token latency",)),
+    _serving(
+        "throughput_rps",
+        "requests completed per second",
+        True,
+        "requests/s",
+        phrases=("throughput", "requests per second", "request throughput"),
+    ),
+    _serving(
+        "output_tokens_per_s",
+        "output tokens generated per second over the profile",
+        True,
+        "tokens/s",
+        phrases=("tokens per second", "output throughput", "token throughput", "decode speed"),
+    ),
+    _serving(
+        "error_rate_under_load",
+        "share of requests that failed under load (errors and timeouts)",
+        False,
+        "share",
+        phrases=("error rate under load", "errors under load"),
+        intervals=("clopper_pearson", "tango_cc", "tang_cc"),
+        rng=(0.0, 1.0),
+    ),
+    _serving(
+        "peak_memory_mb",
+        "peak resident memory of the serving process tree (MB)",
+        False,
+        "MB",
+        phrases=("peak memory", "peak memory use", "peak memory usage", "memory"),
+        intervals=("exact", "exact", "exact"),
+    ),
+    _serving(
+        "cost_per_1k_correct_usd",
+        "serving cost per 1,000 correct answers (USD)",
+        False,
+        "USD",
+        phrases=(
+            "cost per 1000 correct answers",
+            "cost per 1,000 correct answers",
+            "cost per correct answer",
+        ),
+    ),
+    # ---------------------------------------------------------------- routing (stage 6)
+    MetricSpec(
+        "fallback_rate",
+        "share of requests the router sends to the fallback model",
+        False,
+        "routing",
+        kind="aggregate",
+        phrases=("fallback", "fallback share", "deferral rate"),
+        intervals=("clopper_pearson", "clopper_pearson", "clopper_pearson"),
+        table="routing_evidence",
+    ),
+]
+
+#: name -> spec; custom scorers add theirs with :func:`register_metric`.
+METRICS: dict[str, MetricSpec] = {m.name: m for m in _BUILTIN}
+
+
+def metric(name: str) -> MetricSpec:
+    """The registered spec of ``name`` (a metric name or an outcome column such as ``correct``).
+
+    Raises
+    ------
+    CompkitError
+        Listing the registered metrics.
+    """
+    if name in METRICS:
+        return METRICS[name]
+    by_column = metric_for_column(name)
+    if by_column is not None:
+        return by_column
+    raise CompkitError(f"unknown metric {name!r}; registered metrics: {', '.join(sorted(METRICS))}")
+
+
+def metric_for_column(column: str) -> MetricSpec | None:
+    """The item metric stored in outcome column ``column`` (``correct`` -> accuracy)."""
+    for spec in METRICS.values():
+        if spec.kind == "item" and spec.outcome_column == column and spec.name != "recall":
+            return spec
+    return None
+
+
+def item_metrics() -> list[MetricSpec]:
+    """Per-item metrics (columns of ``outcomes.parquet``), in registry order."""
+    return [m for m in METRICS.values() if m.kind == "item" and m.name != "recall"]
+
+
+def register_metric(spec: MetricSpec, *, replace: bool = False) -> MetricSpec:
+    """Add a custom metric (a scorer's column). Registering the same spec twice is a no-op.
+
+    Raises
+    ------
+    CompkitError
+        When ``spec.name`` is taken by a different metric (kit's own can never be replaced).
+    """
+    old = METRICS.get(spec.name)
+    if old is not None and old != spec and (old.builtin or not replace):
+        raise CompkitError(
+            f"metric {spec.name!r} is already registered ({old.description}); choose another name"
+            + ("" if old.builtin else " or pass replace=True")
+        )
+    METRICS[spec.name] = spec
+    return spec
+
+
+def custom_item_metric(
+    name: str, description: str, *, higher_is_better: bool, tasks: Iterable[str] = ()
+) -> MetricSpec:
+    """A spec for a scorer's own per-item column in [0, 1] (judged by the BCa bootstrap)."""
+    return MetricSpec(
+        name,
+        description,
+        bool(higher_is_better),
+        "scoring",
+        "score",
+        scale="bounded",
+        tasks=tuple(tasks),
+        builtin=False,
+    )
+
+
+def phrase_index() -> Mapping[str, str]:
+    """Budget phrase (lower case, spaces) -> metric name: names with spaces and ``phrases``."""
+    out: dict[str, str] = {}
+    for spec in METRICS.values():
+        out[spec.name.replace("_", " ")] = spec.name
+        for phrase in spec.phrases:
+            out[phrase.lower().replace("-", " ").replace("_", " ")] = spec.name
+    return out
+
+
+# --------------------------------------------------------------------------- formatting
+
+_UNIT_SUFFIX = {
+    "ms": " ms",
+    "s": " s",
+    "tokens/s": " tokens/s",
+    "requests/s": " requests/s",
+    "MB": " MB",
+    "nats": " nats",
+}
+#: What a verdict bounds: the metric itself, candidate - baseline, or that over the baseline.
+QUANTITIES = ("value", "change", "relative change")
+
+
+def format_value(x: float | None, *, unit: str, quantity: str = "value") -> str:
+    """A number as the memo and the reasons print it: ``12.5%``, ``-3.0 points``, ``+4.1%``,
+    ``380 ms``, ``0.042``; ``n/a`` when missing or infinite.
+
+    Examples
+    --------
+    >>> format_value(-0.031, unit="share", quantity="change")
+    '-3.1 points'
+    """
+    import math
+
+    if x is None or not isinstance(x, int | float) or not math.isfinite(x):
+        return "n/a"
+    if quantity == "relative change":
+        return f"{x * 100:+.1f}%"
+    change = quantity == "change"
+    sign = "+" if change else ""
+    if unit == "share":
+        return f"{x * 100:+.1f} points" if change else f"{x * 100:.1f}%"
+    if unit == "score":
+        return f"{x:{sign}.3f}"
+    if unit == "USD":
+        return f"{'-' if x < 0 else sign}${abs(x):.4g}"
+    digits = 0 if unit in ("ms", "MB") and abs(x) >= 10 else (3 if unit == "nats" else 1)
+    return f"{x:{sign}.{digits}f}{_UNIT_SUFFIX.get(unit, '')}"
+
+
+def format_interval(low: float | None, high: float | None, *, unit: str, quantity: str) -> str:
+    """``a to b`` in :func:`format_value` units (``-inf``/``inf`` ends read as unbounded)."""
+    import math
+
+    def end(x: float | None) -> str:
+        if isinstance(x, int | float) and math.isinf(x):
+            return "unbounded" if x > 0 else "-unbounded"
+        return format_value(x, unit=unit, quantity=quantity)
+
+    return f"{end(low)} to {end(high)}"
+
+
+def format_limit(x: float, *, unit: str, change: str | bool) -> str:
+    """A threshold, without rounding it away: ``0.5%``, ``-1 point``, ``-2%``, ``400 ms``."""
+
+    def g(v: float, signed: bool = False) -> str:
+        text = f"{round(v, 9):g}"
+        return f"+{text}" if signed and v > 0 else text
+
+    if change == "relative":
+        return f"{g(x * 100, signed=True)}%"
+    if unit in ("share", "score") and change == "points":
+        return f"{g(x * 100, signed=True)} point" + ("" if abs(x) == 0.01 else "s")
+    if unit == "share":
+        return f"{g(x * 100)}%"
+    if unit == "USD":
+        return f"${x:g}"
+    return f"{g(x, signed=bool(change))}{_UNIT_SUFFIX.get(unit, '')}"

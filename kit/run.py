@@ -1,0 +1,335 @@
+"""One handle on a run folder: its manifest, frozen inputs, stored outputs and tables.
+
+Every stage after the freeze takes a :class:`Run` (or a path, opened with :meth:`Run.open`)
+instead of a ``run_dir`` that each function re-reads: the manifest, the frozen items and
+prompts and the slices are read once and kept.
+
+Run folder::
+
+    runs/NAME/
+      manifest.json            BaselineManifest (written last by the freeze: "frozen")
+      pending.json             while a freeze runs or after it was interrupted
+      frozen/                  study.yaml, prompt.jinja, eval_set.jsonl, item_hashes.json,
+                               budget.yaml, slices.parquet, prompts.jsonl
+      outputs/<model>/         crash-safe parquet parts per model (kit.store), _COMPLETE.json
+      candidates/<name>.json   CandidateManifest
+      outcomes.parquet         every model's scored outcomes, written once by stage 2
+      tables/                  stage tables (slice_table, flips, calibration_..., verdicts)
+      notebooks/               executed stage notebooks (.ipynb and .html)
+      pipeline.json, verdict.json, memo.html
+
+Example
+-------
+>>> run = Run.open("runs/demo")                     # doctest: +SKIP
+>>> run.baseline, run.candidates()                  # doctest: +SKIP
+>>> run.outcomes().groupby("model")["correct"].mean()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from kit.environment import Hardware, KitInfo
+from kit.errors import CompkitError
+from kit.evalset import EvalSet, load_frozen_items
+from kit.runtimes.base import Prompt
+from kit.store import OutputStore, atomic_write_bytes
+from kit.study import SamplingConfig, Study
+
+MANIFEST = "manifest.json"
+PENDING = "pending.json"
+OUTCOMES = "outcomes.parquet"
+SCHEMA_VERSION = 1
+#: Slice columns every frozen run derives (the others are the eval set's own).
+DERIVED_SLICES = ("task", "language", "length_bucket", "label_rarity")
+
+
+class FrozenInputs(BaseModel):
+    """Everything that, if changed, makes a comparison with this baseline unfair."""
+
+    model_config = ConfigDict(frozen=True)
+    study_file: str
+    study_sha256: str
+    eval_set_path: str
+    eval_set_sha256: str
+    eval_set_rows: int
+    eval_set_config: dict[str, Any]
+    template_path: str
+    template_sha256: str
+    prompt: dict[str, Any]
+    sampling: dict[str, Any]
+    repeats: int
+    baseline: dict[str, Any]
+    baseline_fingerprint: str
+    budget_path: str | None
+    budget_sha256: str | None
+
+    def key(self) -> dict[str, Any]:
+        """The parts a resumed freeze must share with the interrupted one."""
+        return self.model_dump(
+            exclude={"study_file", "study_sha256", "budget_path", "budget_sha256"}
+        )
+
+
+class OutputsSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    model: str
+    path: str
+    rows: int
+    items: int
+    repeats: int
+    errors: int
+
+
+class BaselineManifest(BaseModel):
+    """The typed contents of ``manifest.json``."""
+
+    model_config = ConfigDict(frozen=True)
+    schema_version: int = SCHEMA_VERSION
+    kind: str = "compkit.baseline"
+    study: str
+    created_at: str
+    inputs: FrozenInputs
+    model: dict[str, Any]  # kit.runtimes.base.ModelIdentity as a dict
+    hardware: Hardware
+    libraries: dict[str, str | None]
+    kit: KitInfo
+    outputs: OutputsSummary
+    slice_columns: list[str]
+    scores: list[dict[str, Any]] = Field(description="tidy model/task/metric/value/n records")
+    timings: dict[str, float]
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> BaselineManifest:
+        path = Path(run_dir) / MANIFEST
+        if not path.is_file():
+            raise CompkitError(
+                f"{run_dir}: not a frozen run (no {MANIFEST}); run `compkit freeze` first"
+            )
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CompkitError(f"{path}: unreadable manifest: {exc}") from exc
+
+    def scores_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.scores)
+
+
+class CandidateManifest(BaseModel):
+    """The typed contents of ``candidates/<name>.json``."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: str = "compkit.candidate"
+    name: str
+    spec: dict[str, Any]
+    spec_fingerprint: str
+    recipe: dict[str, Any] | None
+    identity: dict[str, Any]
+    footprint: dict[str, int | None]
+    baseline: str
+    rows: int
+    items: int
+    repeats: int
+    errors: int
+    started_at: str
+    finished_at: str
+    wall_s: float
+
+    @classmethod
+    def load(cls, path: Path) -> CandidateManifest:
+        try:
+            return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CompkitError(f"{path}: unreadable candidate manifest: {exc}") from exc
+
+
+class Run:
+    """A frozen run folder, opened once (see the module docstring for its layout).
+
+    Use :meth:`open`; the manifest, frozen items, prompts and slices are read on first use
+    and kept. The frozen eval set is checked against the manifest's hash when first read.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def open(cls, run: str | Path | Run) -> Run:
+        """A :class:`Run` for a frozen folder (a Run is returned as is).
+
+        Raises
+        ------
+        CompkitError
+            When the folder is not frozen (no manifest) or the manifest is unreadable.
+        """
+        if isinstance(run, Run):
+            return run
+        out = cls(run)
+        out.manifest  # noqa: B018  (fail now on a folder that is not frozen)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ frozen inputs
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root
+
+    @functools.cached_property
+    def manifest(self) -> BaselineManifest:
+        return BaselineManifest.load(self.root)
+
+    @property
+    def baseline(self) -> str:
+        """The baseline model's name."""
+        return self.manifest.outputs.model
+
+    @property
+    def frozen_dir(self) -> Path:
+        return self.root / "frozen"
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(**self.manifest.inputs.sampling)
+
+    @functools.cached_property
+    def eval_set(self) -> EvalSet:
+        user = [c for c in self.manifest.slice_columns if c not in DERIVED_SLICES]
+        items = load_frozen_items(self.frozen_dir / "eval_set.jsonl", slice_columns=user)
+        if items.sha256 != self.manifest.inputs.eval_set_sha256:
+            raise CompkitError(
+                f"{self.frozen_dir / 'eval_set.jsonl'} does not match the manifest's eval-set "
+                "hash; the run folder was edited by hand"
+            )
+        return items
+
+    @functools.cached_property
+    def _prompts(self) -> tuple[dict[str, Prompt], dict[str, tuple[str, ...]]]:
+        prompts: dict[str, Prompt] = {}
+        conts: dict[str, tuple[str, ...]] = {}
+        with open(self.frozen_dir / "prompts.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                msgs = tuple(rec["messages"]) if rec["messages"] is not None else None
+                prompts[rec["id"]] = Prompt(messages=msgs, text=rec["text"])
+                if rec.get("continuations"):
+                    conts[rec["id"]] = tuple(rec["continuations"])
+        return prompts, conts
+
+    @property
+    def prompts(self) -> dict[str, Prompt]:
+        """Item id -> the rendered prompt every model must see."""
+        return self._prompts[0]
+
+    @property
+    def continuations(self) -> dict[str, tuple[str, ...]]:
+        """Item id -> the option texts scored by logprob (choice items)."""
+        return self._prompts[1]
+
+    @functools.cache  # noqa: B019  (one Run per folder; the frame is the folder's own)
+    def slices(self) -> pd.DataFrame:
+        """``frozen/slices.parquet``: ``id`` + derived and user slice columns."""
+        return pd.read_parquet(self.frozen_dir / "slices.parquet")
+
+    @functools.cached_property
+    def study(self) -> Study:
+        """The study as frozen (``frozen/study.yaml``); its paths are not resolved."""
+        import yaml
+
+        path = self.frozen_dir / "study.yaml"
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            return Study.model_validate(data)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise CompkitError(f"{path}: unreadable frozen study: {exc}") from exc
+
+    @property
+    def confidence(self) -> float:
+        """The level of every interval of this run (the study's ``confidence``)."""
+        return self.study.confidence
+
+    @property
+    def frozen_budget(self) -> Path | None:
+        """``frozen/budget.yaml`` when the run was frozen with a budget."""
+        path = self.frozen_dir / "budget.yaml"
+        return path if self.manifest.inputs.budget_sha256 is not None else None
+
+    # ------------------------------------------------------------------ models and outputs
+
+    def candidates(self) -> list[str]:
+        """Candidates with stored outputs (``outputs/<name>/`` other than the baseline), sorted."""
+        folder = self.root / "outputs"
+        names = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+        return [n for n in names if n != self.baseline]
+
+    def candidate_manifest(self, name: str) -> CandidateManifest | None:
+        path = self.root / "candidates" / f"{name}.json"
+        return CandidateManifest.load(path) if path.is_file() else None
+
+    def store(self, model: str) -> OutputStore:
+        return OutputStore(self.root / "outputs" / model)
+
+    def outputs(self, models: list[str] | None = None) -> pd.DataFrame:
+        """Stored output rows of ``models`` (default every model), in one frame."""
+        folder = self.root / "outputs"
+        names = (
+            models
+            if models is not None
+            else sorted(d.name for d in folder.iterdir() if d.is_dir())
+            if folder.is_dir()
+            else []
+        )
+        frames = [self.store(m).read() for m in names]
+        frames = [f for f in frames if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def outcomes(self) -> pd.DataFrame:
+        """``outcomes.parquet``: every model's scored outcomes, as stage 2 wrote them once.
+
+        Raises
+        ------
+        CompkitError
+            When stage 2 has not written it yet.
+        """
+        path = self.root / OUTCOMES
+        if not path.is_file():
+            raise CompkitError(
+                f"{path}: missing; stage 2 writes it (`compkit candidates ... --out {self.root}`)"
+            )
+        return pd.read_parquet(path)
+
+    # ------------------------------------------------------------------ tables
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.root / "tables"
+
+    def table_path(self, name: str) -> Path:
+        return self.tables_dir / f"{name}.parquet"
+
+    def has_table(self, name: str) -> bool:
+        return self.table_path(name).is_file()
+
+    def table(self, name: str) -> pd.DataFrame:
+        """``tables/<name>.parquet``; a missing table names the stage to run."""
+        path = self.table_path(name)
+        if not path.is_file():
+            raise CompkitError(f"{path}: missing; run the stage that writes it first")
+        return pd.read_parquet(path)
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> Path:
+        """Write ``tables/<name>.parquet`` atomically; returns its path."""
+        path = self.table_path(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            atomic_write_bytes(path, frame.to_parquet(index=False))
+        return path
