@@ -346,7 +346,7 @@ _BUILTIN: list[MetricSpec] = [
         kind="aggregate",
         phrases=("flip", "answer flip", "answer flip rate"),
         intervals=("clopper_pearson", "clopper_pearson", "clopper_pearson"),
-        table="flips",
+        table="flip_evidence",
     ),
     MetricSpec(
         "macro_f1",
@@ -445,6 +445,13 @@ _BUILTIN: list[MetricSpec] = [
         intervals=("exact", "exact", "exact"),
     ),
     _serving(
+        "cost_per_request_usd",
+        "serving cost per request (USD)",
+        False,
+        "USD",
+        phrases=("cost per request", "request cost"),
+    ),
+    _serving(
         "cost_per_1k_correct_usd",
         "serving cost per 1,000 correct answers (USD)",
         False,
@@ -485,7 +492,13 @@ def metric(name: str) -> MetricSpec:
     by_column = metric_for_column(name)
     if by_column is not None:
         return by_column
-    raise CompkitError(f"unknown metric {name!r}; registered metrics: {', '.join(sorted(METRICS))}")
+    import difflib
+
+    close = difflib.get_close_matches(name, list(METRICS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise CompkitError(
+        f"unknown metric {name!r}{hint}; valid metrics: {', '.join(sorted(METRICS))}"
+    )
 
 
 def metric_for_column(column: str) -> MetricSpec | None:
@@ -607,7 +620,7 @@ def format_limit(x: float, *, unit: str, change: str | bool) -> str:
 
     if change == "relative":
         return f"{g(x * 100, signed=True)}%"
-    if unit in ("share", "score") and change == "points":
+    if unit == "share" and change == "points":
         return f"{g(x * 100, signed=True)} point" + ("" if abs(x) == 0.01 else "s")
     if unit == "share":
         return f"{g(x * 100)}%"

@@ -437,8 +437,13 @@ def judge_run(
         decisions, rules = decide(verdicts), budget.frame()
     if write:
         report = build_report(
-            run, verdicts=verdicts, decisions=decisions, status=status, rules=rules,
-            evidence=files, candidates=names,
+            run,
+            verdicts=verdicts,
+            decisions=decisions,
+            status=status,
+            rules=rules,
+            evidence=files,
+            candidates=names,
         )
         run.write_table(VERDICT_TABLE, verdicts)
         atomic_write_text(run.root / VERDICT_FILE, report.model_dump_json(indent=2) + "\n")

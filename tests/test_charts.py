@@ -16,7 +16,31 @@ from kit.report.charts import comparison as charts
 
 
 def _row(model, slice_, value, metric, delta, low, high, n=40, base=0.8):
-    return [model, slice_, value, metric, base + delta, base, delta, low, high, n, 0.04]
+    return {
+        "model": model,
+        "slice": slice_,
+        "slice_value": value,
+        "metric": metric,
+        "value": base + delta,
+        "baseline_value": base,
+        "delta": delta,
+        "ci_low": low,
+        "ci_high": high,
+        "n": n,
+        "value_ci_low": base + delta - 0.05,
+        "value_ci_high": base + delta + 0.05,
+        "rel": delta / base,
+        "rel_ci_low": low / base,
+        "rel_ci_high": high / base,
+        "p_value": 0.04,
+        "value_method": "clopper_pearson",
+        "delta_method": "tango_cc",
+        "rel_method": "tang_cc",
+        "n_base_only": 3.0,
+        "n_cand_only": 1.0,
+        "confidence": 0.95,
+        "note": "",
+    }
 
 
 @pytest.fixture
@@ -31,7 +55,7 @@ def table() -> pd.DataFrame:
         _row("q8", "language", "en", "accuracy", 0.10, 0.02, 0.18),
         _row("q4", "channel", "email", "accuracy", -0.20, -0.30, -0.10),
     ]
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
 
 
 @pytest.fixture
@@ -213,7 +237,7 @@ def test_noise_floor_overlay(table, noise):
 def test_charts_reject_frames_of_another_shape(table):
     with pytest.raises(CompkitError, match=r"needs column\(s\) \['ci_low'"):
         charts.delta_chart(table.drop(columns=["ci_low"]), metric="accuracy")
-    with pytest.raises(CompkitError, match="not registered"):
+    with pytest.raises(CompkitError, match=r"unknown metric .bogus."):
         charts.delta_chart(table.assign(metric="bogus"), metric="bogus")
 
 

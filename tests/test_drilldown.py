@@ -208,6 +208,8 @@ def test_drilldown_frames_on_a_planted_slice():
         "overall_deltas",
         "slice_table",
         "flips",
+        "flip_evidence",
+        "label_evidence",
         "noise_floor",
         "worst_slices",
         "discovered_slices",
@@ -237,7 +239,10 @@ def test_drilldown_frames_on_a_planted_slice():
     )
     assert bool(worst.iloc[0]["clear_drop"])
     found = tables.discovered_slices
-    assert list(found.columns) == ["model", *DISCOVERY_COLUMNS]
+    assert list(found.columns) == ["model", "metric", *DISCOVERY_COLUMNS]
+    rates = tables.flip_evidence.set_index(["model", "slice", "slice_value"])
+    assert rates.loc[("q4", "overall", "all"), "value"] == broken / len(slices)
+    assert rates.loc[("q4", "overall", "all"), "value_method"] == "clopper_pearson"
     assert found.iloc[0]["slice"] == "language=de & channel=email"
     assert found.iloc[0]["n"] == hot and found.iloc[0]["flips"] == broken
     assert tables.label_metrics.empty  # no eval set given
@@ -373,10 +378,10 @@ def test_write_drilldown_tables(run_dir):
 def test_slice_explorer_updates_chart_and_examples(run_dir):
     pytest.importorskip("ipywidgets")
     from kit.report.widgets import ALL_VALUES, slice_explorer
-    from kit.stages.drilldown import drilldown_tables
+    from kit.stages.drilldown import write_drilldown_tables
 
     outcomes = load_run_outcomes(run_dir)
-    tables = drilldown_tables(run_dir, n_resamples=50, outcomes=outcomes)
+    tables = write_drilldown_tables(run_dir, n_resamples=50)
     box = slice_explorer(run_dir, tables=tables, outcomes=outcomes)
     candidate, column, metric, value = box.children[0].children
     chart_out, table_out = box.children[1].children
@@ -415,15 +420,22 @@ def test_notebook_03_writes_the_drilldown_tables(run_dir, tmp_path):
         "seed": 1,
         "min_n": 1,
         "k": 10,
+        "confidence": 0.95,
     }
     overall = pd.read_parquet(folder / "overall_deltas.parquet").set_index(["model", "metric"])
     assert overall.loc[("q4", "accuracy"), "delta"] == pytest.approx(-3 / 8)
     assert overall.loc[("q8", "accuracy"), "delta"] == pytest.approx(1 / 8)
-    flips = pd.read_parquet(folder / "flips.parquet").query("slice == 'overall'")
+    flips = pd.read_parquet(folder / "flips.parquet").query(
+        "slice == 'overall' and metric == 'accuracy'"
+    )
     counts = flips.set_index(["model", "flip"])["count"]
     assert counts[("q4", "right_to_wrong")] == 3 and counts[("q8", "wrong_to_right")] == 1
     worst = pd.read_parquet(folder / "worst_slices.parquet")
-    assert worst.iloc[0][["model", "slice", "slice_value"]].tolist() == ["q4", "channel", "email"]
+    # ranked by the interval bound nearest zero: the slice of all 8 items has the narrowest
+    # interval, email (q4 breaks 3 of its 4 items) comes next; on 8 items no drop is certain
+    q4 = worst[worst["model"] == "q4"][["slice", "slice_value"]].values.tolist()
+    assert q4[:2] == [["length_bucket", "<64"], ["channel", "email"]]
+    assert not worst["clear_drop"].any()
     found = pd.read_parquet(folder / "discovered_slices.parquet")
     assert set(found["model"]) == {"q4"}  # q8 has no right->wrong flip
     assert len(pd.read_parquet(folder / "noise_floor.parquet")) > 0  # two repeats

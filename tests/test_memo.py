@@ -32,7 +32,6 @@ from kit.verdicts import (
     gate_decision,
     gather_evidence,
     judge_run,
-    sample_size_caveats,
 )
 
 SCRIPT = "<script>document.title='PWNED'</script>"
@@ -45,14 +44,15 @@ CHROMIUM = Path("/usr/bin/chromium")
 def hostile_study() -> dict:
     items = [dict(item) for item in ITEMS]
     for item in items:
-        if item["id"] == "g1":
+        if item["id"].startswith("g1-"):
             item["input"] = f"Apologise for the delay. {SCRIPT}"
         if item["channel"] == "email":
             item["channel"] = f"email {IMG}"
     candidates = dict(CANDIDATES)
+    worse = {"c1": IMG, "m1": "A", "g1": f"No. {ALERT} {SCRIPT}"}
     candidates["worse"] = (
-        {"c1": IMG, "m1": "A", "g1": f"No. {ALERT} {SCRIPT}"},
-        {"c1": [0.1, 0.2, 0.7], "m1": [0.7, 0.3]},
+        {f"{t}-{k:02d}": v for t, v in worse.items() for k in range(30)},
+        CANDIDATES["worse"][1],
     )
     rule = {
         "rule": f"<b>accuracy</b> may drop at most 5 points {ALERT}",
@@ -115,7 +115,12 @@ def test_judge_run_decides_each_candidate_from_the_frozen_budget(run_dir):
 def test_evidence_has_every_stage_source_and_absent_stages_are_not_measured(run_dir, tmp_path):
     evidence = gather_evidence(run_dir)
     assert list(evidence.columns) == EVIDENCE_COLUMNS
-    assert set(evidence["source"]) == {"slices", "flips", "calibration"}
+    assert set(evidence["source"]) == {
+        "slice_table",
+        "flip_evidence",
+        "label_evidence",
+        "calibration_comparison",
+    }
     assert not evidence.duplicated(["model", "metric", "slice", "slice_value"]).any()
     # the same run without its calibration table: the ECE rule becomes "not measured"
     copy = tmp_path / "copy"
@@ -137,15 +142,6 @@ def test_gate_decision_over_all_candidates():
     assert gate_decision(frame) == "rejected"
     with pytest.raises(CompkitError, match="candidates: \\['a', 'b'\\]"):
         gate_decision(frame, candidate="zzz")
-
-
-def test_sample_size_caveats_flag_underpowered_change_rules(run_dir):
-    report = VerdictReport.load(run_dir)
-    table = pd.read_parquet(run_dir / "tables" / "slice_table.parquet")
-    caveats = sample_size_caveats(report.verdicts_frame(), table)
-    assert set(caveats["candidate"]) == {"same", "worse", "fixer"}
-    assert caveats["underpowered"].all()  # 8 items cannot detect a 5-point drop
-    assert caveats["tolerance"].tolist() == pytest.approx([0.05] * len(caveats))
 
 
 # --------------------------------------------------------------------------- memo HTML
@@ -188,12 +184,16 @@ def test_memo_charts_are_inline_svg_and_nothing_is_fetched(memo):
 
 
 def test_memo_shows_failing_examples_baseline_facts_and_caveats(memo):
-    assert "No. &lt;script&gt;alert(1)&lt;/script&gt;" in memo  # worse's output on g1
-    assert "Sorry for the delay." in memo  # ... next to the baseline's
+    examples = memo[memo.index('id="examples"') : memo.index('id="caveats"')]
+    assert "&lt;img src=x onerror=" in examples  # worse's output on c1, shown as text
+    assert "order_status" in examples  # ... next to the baseline's
     for fact in ("weights sha256", "prompt template", "sampling", "eval set", "hardware"):
         assert f"<th>{fact}</th>" in memo
     assert "noise floor was not" in memo  # one repeat
-    assert "too few items to detect the tolerated drop" in memo
+    undecided = memo[memo.index('id="caveats"') : memo.index('id="baseline"')]
+    assert "edge" in undecided and "straddles the limit" in undecided
+    assert "interval method" in memo and "Tango&#39;s paired score interval" in memo
+    assert "intersection-union test" in memo
     assert 'id="budget-changed"' not in memo
 
 
@@ -246,9 +246,9 @@ def test_number_formats_follow_the_unit_and_quantity():
     assert format_number(-0.0375, unit="share", quantity="change") == "-3.8 points"
     assert format_number(0.02, unit="share", quantity="relative change") == "+2.0%"
     assert format_number(0.0412, unit="score") == "0.041"
-    assert format_number(380.0, unit="ms") == "380.0 ms"
+    assert format_number(380.0, unit="ms") == "380 ms"
     assert format_number(float("nan"), unit="share") == "–"
-    assert format_ci(-0.1, 0.05, unit="share", quantity="change") == "[-10.0 points, +5.0 points]"
+    assert format_ci(-0.1, 0.05, unit="share", quantity="change") == "-10.0 points to +5.0 points"
 
 
 # --------------------------------------------------------------------------- Chromium

@@ -1,10 +1,14 @@
-"""The whole pipeline through papermill on a tiny study, resume, a failing stage, and the gate.
+"""The whole pipeline through papermill on a small study, resume, a failing stage, and the gate.
 
-The tiny study is real (stages 1-4 and 7 run as notebooks) but uses the predictions runtime,
-so no model loads: the baseline answers 7 of 8 items right; candidate ``same`` answers
-exactly like it (inconclusive: no item changed, but 8 unchanged items cannot exclude a drop
-of 5 points), ``worse`` breaks c1, m1 and g1 (rejected: accuracy drops by more than 5
-points), ``fixer`` fixes c4 (accepted: accuracy rises, its flip rate's CI stays below 50%).
+The study is real (stages 1-4 and 7 run as notebooks) but uses the predictions runtime, so no
+model loads. Eight item templates are repeated 30 times (240 items); the baseline answers 7 of
+every 8 right. The candidates and the verdicts the statistics must give:
+
+``same``    answers exactly like the baseline: accepted (240 unchanged items bound a drop to
+            under 2 points, the flip rate to under 2%, and the ECE change to under 0.05);
+``worse``   breaks every c1, m1 and g1 item (37.5% of the items): rejected;
+``fixer``   fixes every c4 item, breaks none: accepted;
+``edge``    breaks 12 c1 items (5.0 points, exactly the limit): inconclusive.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from kit.cli import main
 from kit.errors import CompkitError
 
 ROOT = Path(__file__).resolve().parent.parent
-ITEMS = [
+TEMPLATES = [
     {"id": "c1", "task": "classification", "input": "where is my parcel", "label": "order_status"},
     {"id": "c2", "task": "classification", "input": "has it shipped yet", "label": "order_status"},
     {"id": "c3", "task": "classification", "input": "my refund never came", "label": "refund"},
@@ -47,9 +51,21 @@ ITEMS = [
     },
     {"id": "g2", "task": "generation", "input": "Say thanks.", "reference": "Thank you!"},
 ]
-for i, item in enumerate(ITEMS):
-    item["channel"] = "email" if i % 2 == 0 else "chat"
-BASE = {
+COPIES = 30
+
+
+def _expand(templates: list[dict], copies: int = COPIES) -> list[dict]:
+    items = []
+    for k in range(copies):
+        for t in templates:
+            item = {**t, "id": f"{t['id']}-{k:02d}", "input": f"{t['input']} (#{k})"}
+            item["channel"] = "email" if len(items) % 2 == 0 else "chat"
+            items.append(item)
+    return items
+
+
+ITEMS = _expand(TEMPLATES)
+BASE_TEMPLATE = {
     "c1": "order_status",
     "c2": "order_status",
     "c3": "refund",
@@ -60,7 +76,7 @@ BASE = {
     "g2": "Thank you!",
 }
 # classification options are the sorted labels: fraud, order_status, refund
-PROBS = {
+PROBS_TEMPLATE = {
     "c1": [0.1, 0.8, 0.1],
     "c2": [0.1, 0.8, 0.1],
     "c3": [0.1, 0.1, 0.8],
@@ -68,13 +84,25 @@ PROBS = {
     "m1": [0.3, 0.7],
     "m2": [0.9, 0.1],
 }
+
+
+def _per_item(template: dict, *, copies: range = range(COPIES)) -> dict:
+    return {f"{t}-{k:02d}": v for t, v in template.items() for k in copies}
+
+
+BASE = _per_item(BASE_TEMPLATE)
+PROBS = _per_item(PROBS_TEMPLATE)
 CANDIDATES = {
     "same": ({}, {}),
     "worse": (
-        {"c1": "refund", "m1": "A", "g1": "No."},
-        {"c1": [0.1, 0.2, 0.7], "m1": [0.7, 0.3]},
+        _per_item({"c1": "refund", "m1": "A", "g1": "No."}),
+        _per_item({"c1": [0.1, 0.2, 0.7], "m1": [0.7, 0.3]}),
     ),
-    "fixer": ({"c4": "fraud"}, {"c4": [0.7, 0.1, 0.2]}),
+    "fixer": (_per_item({"c4": "fraud"}), _per_item({"c4": [0.7, 0.1, 0.2]})),
+    "edge": (
+        _per_item({"c1": "refund"}, copies=range(12)),
+        _per_item({"c1": [0.1, 0.2, 0.7]}, copies=range(12)),
+    ),
 }
 BUDGET = {
     "rules": [
@@ -86,7 +114,7 @@ BUDGET = {
         {"rule": "ECE must not increase by more than 0.5"},
     ]
 }
-EXPECTED = {"same": "inconclusive", "worse": "rejected", "fixer": "accepted"}
+EXPECTED = {"same": "accepted", "worse": "rejected", "fixer": "accepted", "edge": "inconclusive"}
 FAST = {"drilldown": {"n_resamples": 200, "min_n": 1}, "calibration": {"n_resamples": 200}}
 
 
@@ -265,13 +293,14 @@ def test_rerun_resumes_and_executes_no_stage(piped, capsys):
 def test_gate_exit_codes_on_the_piped_run(piped, capsys):
     _, out, _ = piped
     assert main(["gate", str(out), "--candidate", "fixer"]) == 0
+    assert main(["gate", str(out), "--candidate", "same"]) == 0
     assert main(["gate", str(out), "--candidate", "worse"]) == 1
-    assert main(["gate", str(out), "--candidate", "same"]) == 3
+    assert main(["gate", str(out), "--candidate", "edge"]) == 3
     assert main(["gate", str(out)]) == 1  # one rejected: the whole gate fails
     capsys.readouterr()
-    assert main(["gate", str(out), "--candidate", "same", "--json"]) == 3
+    assert main(["gate", str(out), "--candidate", "edge", "--json"]) == 3
     rows = json.loads(capsys.readouterr().out)
-    assert {r["candidate"] for r in rows} == {"same"}
+    assert {r["candidate"] for r in rows} == {"edge"}
     assert {r["verdict"] for r in rows} == {"pass", "inconclusive"}
     assert {"rule", "observed", "ci_low", "ci_high", "n_needed", "reason"} <= set(rows[0])
 
@@ -295,7 +324,7 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
 def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_path, capsys):
     from kit.pipeline import StageFailed, run_pipeline
 
-    study = write_study(tmp_path / "study", drop={"worse": "g2"})
+    study = write_study(tmp_path / "study", drop={"worse": "g2-07"})
     out = tmp_path / "runs" / "broken"
     with pytest.raises(StageFailed) as info:
         run_pipeline(study, out, progress=False)
@@ -304,7 +333,7 @@ def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_pat
     assert err.stage == "candidates"
     assert "stage 'candidates' (02_run_candidates.ipynb) failed in cell" in message
     assert "`from kit.stages.candidates import run_candidates`" in message
-    assert "ValidationError" in message and "'g2'" in message
+    assert "ValidationError" in message and "'g2-07'" in message
     executed = out / "notebooks" / "02_run_candidates.ipynb"
     assert executed.is_file() and executed.with_suffix(".html").is_file()
     assert str(executed) in message
@@ -411,6 +440,6 @@ def test_gate_json_prints_the_verdict_frame(tmp_path, capsys):
     assert [r["candidate"] for r in rows] == ["a", "b"]
     assert rows[0]["verdict"] == "pass" and rows[0]["baseline"] is None
     frame = pd.DataFrame(rows)
-    from kit.budget.grammar import VERDICT_COLUMNS
+    from kit.budget.judge import VERDICT_COLUMNS
 
     assert list(frame.columns) == VERDICT_COLUMNS

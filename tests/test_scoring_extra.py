@@ -14,17 +14,8 @@ import pytest
 from kit.analysis.compare import compare_models
 from kit.errors import CompkitError, ValidationError
 from kit.evalset import load_eval_set
-from kit.scoring import (
-    AGGREGATES,
-    METRICS,
-    MetricInfo,
-    aggregate_metrics,
-    label_metrics,
-    macro_f1,
-    rare_label_recall,
-    register_metric,
-    score_outputs,
-)
+from kit.metrics import METRICS, MetricSpec, register_metric
+from kit.scoring import label_metrics, macro_f1, score_outputs
 from kit.scoring.custom import SHIPPED_DIR, evaluate_scorer, shipped_modules
 from kit.scoring.review import (
     REVIEW_COLUMNS,
@@ -98,40 +89,22 @@ def test_label_metrics_by_hand(cls_outcomes):
     assert perfect.loc["macro", "f1"] == 1.0
 
 
-def test_macro_f1_and_rare_label_recall(cls_outcomes):
+def test_macro_f1(cls_outcomes):
     eval_set, outcomes = cls_outcomes
     f1 = macro_f1(outcomes, eval_set).set_index("model")
     assert list(f1.columns) == ["metric", "value", "n"]
     assert f1.loc["m", "value"] == pytest.approx(4 / 9) and f1.loc["m", "n"] == 4
-    slices = pd.DataFrame(
-        {
-            "id": ["a1", "a2", "b1", "c1", "g1"],
-            "label": ["order_status", "order_status", "refund", "fraud_report", None],
-            "label_rarity": ["common", "common", "rare", "rare", None],
-        }
-    )
-    rare = rare_label_recall(outcomes, eval_set, slices=slices).set_index("model")
-    # mean of refund recall (1) and fraud_report recall (0), each label weighing the same
-    assert rare.loc["m", "value"] == pytest.approx(0.5) and rare.loc["m", "n"] == 2
-    assert rare.loc["perfect", "value"] == 1.0
-    with pytest.raises(CompkitError, match="needs the slices frame"):
-        rare_label_recall(outcomes, eval_set)
-    none_rare = slices.assign(label_rarity="common")
-    empty = rare_label_recall(outcomes, eval_set, slices=none_rare)
-    assert empty["value"].isna().all() and (empty["n"] == 0).all()
-    both = aggregate_metrics(outcomes, eval_set, slices=slices)
-    assert set(both["metric"]) == {"macro_f1", "rare_label_recall"}
-    assert set(aggregate_metrics(outcomes, eval_set)["metric"]) == {"macro_f1"}
+    assert f1.loc["perfect", "value"] == 1.0
 
 
 def test_registry_entries_for_label_metrics():
-    assert METRICS["macro_f1"].aggregation == "macro" and METRICS["macro_f1"].higher_is_better
-    assert METRICS["recall"].aggregation == "per_label"
-    assert METRICS["rare_label_recall"].tasks == ("classification",)
-    assert set(AGGREGATES) == {"macro_f1", "rare_label_recall"}
+    assert METRICS["macro_f1"].kind == "aggregate" and METRICS["macro_f1"].higher_is_better
+    assert METRICS["macro_f1"].table == "label_evidence"
+    assert METRICS["recall"].tasks == ("classification",)
+    assert "rare_label_recall" not in METRICS  # "rare-label recall" is recall on a label slice
     assert METRICS["choice_accuracy_norm"].higher_is_better
     with pytest.raises(CompkitError, match="already registered"):
-        register_metric(MetricInfo("accuracy", "mine", False))
+        register_metric(MetricSpec("accuracy", "mine", False, "scoring"))
 
 
 # --------------------------------------------------------------------------- acc vs acc_norm
@@ -251,9 +224,12 @@ def test_review_sheet_round_trip(run_dir, tmp_path):
     ]
     assert scores.loc[1, "notes"] == "curt" and scores.attrs["scale"] == "0-5"
 
-    from kit.stages.drilldown import load_run_outcomes
+    from kit.run import Run
+    from kit.stages.candidates import write_outcomes
 
-    outcomes = load_run_outcomes(run_dir, sources=[review_scores(scores)])
+    # review scores join the run's one outcome table (re-written once, read by every stage)
+    write_outcomes(Run.open(run_dir), sources=[review_scores(scores)])
+    outcomes = Run.open(run_dir).outcomes()
     human = outcomes.set_index(["model", "item_id", "repeat"])["human_score"]
     assert human[("q4", "g1", 0)] == 0.2 and pd.isna(human[("q4", "g1", 1)])
     assert human.notna().sum() == 3

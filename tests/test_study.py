@@ -53,10 +53,6 @@ def test_minimal_study_gets_defaults_and_resolves_paths(tmp_path):
         ),
         ({"sampling": {"temprature": 0.5}}, "field 'sampling.temprature': unknown key (typo?)"),
         ({"repeats": 0}, "field 'repeats'"),
-        (
-            {"baseline": {"name": "b", "runtime": "tensorrt", "model": "m"}},
-            "unknown runtime 'tensorrt'",
-        ),
         ({"baseline": None}, "field 'baseline': Field required"),
         (
             {"candidates": [{"name": "base", "runtime": "transformers", "model": "m"}]},
@@ -107,3 +103,14 @@ def test_unreadable_yaml(tmp_path):
         load_study(path)
     with pytest.raises(CompkitError, match="no such file"):
         load_study(tmp_path / "nope.yaml")
+
+
+def test_unknown_runtime_names_the_key_and_a_close_match(tmp_path):
+    from kit.runtimes import check_study_runtimes
+
+    path = write_study(tmp_path, baseline={"name": "b", "runtime": "transformer", "model": "m"})
+    with pytest.raises(ValidationError) as err:
+        check_study_runtimes(load_study(path))
+    text = str(err.value)
+    assert "field 'baseline.runtime'" in text
+    assert "unknown runtime 'transformer' (did you mean 'transformers'?)" in text

@@ -66,7 +66,7 @@ from kit.errors import CompkitError
 from kit.evalset import EvalItem
 from kit.metrics import BOOTSTRAP_MIN_N
 from kit.scoring.normalize import fold
-from kit.stats.bootstrap import bca_quantiles, weight_blocks
+from kit.stats.bootstrap import bca_quantiles, weight_blocks, zero_change_bound
 
 SOURCES = ("auto", "choice", "mean_token", "min_token", "verbalized", "reported")
 STRATEGIES = ("uniform", "quantile")
@@ -837,6 +837,7 @@ class _Pair:
     cand: _Sorted
     n: int
     base_key: tuple  # equal keys: the same baseline predictions (statistics computed once)
+    changed: int = 0  # predictions whose confidence or correctness differ between the models
 
 
 def _pairs(
@@ -866,8 +867,25 @@ def _pairs(
 
             where = (slice_name, slice_value)
             base_key = where if len(part) == full[where] else (model, *where)
+            changed = int(
+                (
+                    (part["confidence"] != part["confidence_c"])
+                    | (part["correct"] != part["correct_c"])
+                )
+                .to_numpy()
+                .sum()
+            )
             out.append(
-                _Pair(model, slice_name, slice_value, side(""), side("_c"), len(part), base_key)
+                _Pair(
+                    model,
+                    slice_name,
+                    slice_value,
+                    side(""),
+                    side("_c"),
+                    len(part),
+                    base_key,
+                    changed,
+                )
             )
     return out
 
@@ -1031,6 +1049,32 @@ def _acceleration(jack: np.ndarray) -> np.ndarray:
         return np.where(s2 > 0, np.nansum(u**3, axis=0) / (6 * s2**1.5), 0.0)
 
 
+#: Most a binned statistic can move per changed prediction, as a share of all predictions:
+#: ECE (fixed bins) sums |bin gap| weights, and one prediction moves two bins' sums by at most
+#: 1/N each; Brier averages per-prediction losses in [0, 1].
+UNCHANGED_WIDTH = {"ece": 2.0, "brier": 1.0}
+
+
+def _unchanged_bounds(metric, point, low, high, n, confidence):
+    """No prediction changed: bound the change by the share that could change (exact), or
+    leave it undefined where the statistic has no such bound (MCE, quantile bins)."""
+    low, high = low.copy(), high.copy()
+    width = UNCHANGED_WIDTH.get(metric)
+    if width is None:
+        low[1:] = high[1:] = np.nan
+        note = (
+            "no prediction changed: a bootstrap cannot bound this statistic's change from "
+            "identical predictions"
+        )
+        return low, high, note
+    half = float(zero_change_bound(n, confidence=confidence, width=width))
+    low[1], high[1] = point[1] - half, point[1] + half
+    base = point[0] - point[1]
+    rel_half = half / base if base > 0 else np.inf
+    low[2], high[2] = point[2] - rel_half, point[2] + rel_half
+    return low, high, ""
+
+
 def _comparison_frame(
     pairs: list[_Pair],
     points: list,
@@ -1051,6 +1095,10 @@ def _comparison_frame(
             d = reps[:, 1][np.isfinite(reps[:, 1])]
             p_value = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))) if d.size else math.nan
             note = ""
+            bounded = pr.changed == 0 and metric in UNCHANGED_WIDTH
+            change_method = "bounded_zero_change" if bounded else "bca_bootstrap"
+            if pr.changed == 0:
+                low, high, note = _unchanged_bounds(metric, point, low, high, pr.n, confidence)
             if pr.n < BOOTSTRAP_MIN_N:
                 low = high = np.full(3, np.nan)
                 note = (
@@ -1076,8 +1124,8 @@ def _comparison_frame(
                     "rel_ci_high": high[2],
                     "p_value": float(p_value),
                     "value_method": "bca_bootstrap",
-                    "delta_method": "bca_bootstrap",
-                    "rel_method": "bca_bootstrap",
+                    "delta_method": change_method,
+                    "rel_method": change_method,
                     "confidence": confidence,
                     "note": note,
                 }
