@@ -11,7 +11,6 @@ candidate see the same seed for the same repeat.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from kit.runtimes.base import (
     GenerationRequest,
     Prompt,
     Runtime,
+    repeat_seed,
 )
 from kit.store import OutputStore, now_iso, pending
 from kit.study import SamplingConfig
@@ -63,12 +63,6 @@ OUTPUT_COLUMNS = [
     "error_class",
     "created_at",
 ]
-
-
-def repeat_seed(study_seed: int, repeat: int) -> int:
-    """Seed of a repeat: a stable hash of (study seed, repeat), below 2**31."""
-    digest = hashlib.sha256(f"{study_seed}:{repeat}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass

@@ -79,6 +79,9 @@ class MetricSpec:
         bootstrap whatever is declared.
     table
         The evidence table the stage writes this metric to (``tables/<table>.parquet``).
+    requires
+        What the study must provide for the metric to exist (empty: the stage always emits
+        it for the tasks it applies to).
     """
 
     name: str
@@ -94,6 +97,7 @@ class MetricSpec:
     value_range: tuple[float, float] = (0.0, 1.0)
     intervals: tuple[str, str, str] = ("clopper_pearson", "tango_cc", "tang_cc")
     table: str = "slice_table"
+    requires: str = ""
     builtin: bool = field(default=True, compare=False)
 
     @property
@@ -106,7 +110,9 @@ class MetricSpec:
         return self.unit in ("share", "score")
 
 
-def _item(name, description, higher, *, tasks=(), column=None, phrases=(), scale="binary"):
+def _item(
+    name, description, higher, *, tasks=(), column=None, phrases=(), scale="binary", requires=""
+):
     return MetricSpec(
         name,
         description,
@@ -117,6 +123,7 @@ def _item(name, description, higher, *, tasks=(), column=None, phrases=(), scale
         tasks=tuple(tasks),
         phrases=tuple(phrases),
         scale=scale,
+        requires=requires,
     )
 
 
@@ -168,7 +175,7 @@ def _serving(name, description, higher, unit, *, phrases=(), intervals=_BOOT, rn
     )
 
 
-def _calibration(name, description, higher, *, phrases=(), unit="score"):
+def _calibration(name, description, higher, *, phrases=(), unit="score", requires=""):
     return MetricSpec(
         name,
         description,
@@ -180,6 +187,7 @@ def _calibration(name, description, higher, *, phrases=(), unit="score"):
         phrases=tuple(phrases),
         intervals=_BOOT,
         table="calibration_comparison",
+        requires=requires,
     )
 
 
@@ -199,6 +207,7 @@ _BUILTIN: list[MetricSpec] = [
         tasks=_CHOICE,
         column="choice_correct",
         phrases=("choice accuracy", "logprob accuracy"),
+        requires="choice scoring (a runtime that scores options, or choice_probs in a file)",
     ),
     _item(
         "choice_accuracy_norm",
@@ -208,6 +217,7 @@ _BUILTIN: list[MetricSpec] = [
         tasks=_CHOICE,
         column="choice_correct_norm",
         phrases=("normalized choice accuracy", "acc norm", "length normalized accuracy"),
+        requires="options scored by logprob (choice_logprobs; a predictions file has none)",
     ),
     _item(
         "recall",
@@ -329,6 +339,7 @@ _BUILTIN: list[MetricSpec] = [
         tasks=("generation",),
         scale="bounded",
         phrases=("reviewer score", "review score"),
+        requires="an imported review sheet (kit.scoring.review)",
     ),
     _item(
         "error_rate",
@@ -397,6 +408,7 @@ _BUILTIN: list[MetricSpec] = [
         True,
         phrases=("admits uncertainty", "uncertainty admission rate"),
         unit="share",
+        requires="eval items flagged admits_uncertainty",
     ),
     # ---------------------------------------------------------------- serving (stage 5)
     *(

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from kit.errors import CompkitError, ValidationError
-from kit.execute import repeat_seed
 from kit.runtimes import open_runtime
-from kit.runtimes.base import ChoiceRequest, GenerationRequest, Prompt
+from kit.runtimes.base import ChoiceRequest, GenerationRequest, Prompt, repeat_seed
 from kit.runtimes.predictions import PredictedGeneration, PredictionsRuntime
 from kit.study import ModelSpec, SamplingConfig
 

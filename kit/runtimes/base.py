@@ -173,3 +173,11 @@ class Runtime(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def repeat_seed(study_seed: int, repeat: int) -> int:
+    """Seed of a repeat: a stable hash of (study seed, repeat), below 2**31."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{study_seed}:{repeat}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

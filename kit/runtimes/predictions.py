@@ -20,7 +20,7 @@ Which ids: :meth:`PredictionsRuntime.expect_ids` compares the file with the ids 
 of repeats) a run will ask for, and reports the missing and the extra ids together;
 :meth:`~PredictionsRuntime.generate` reports ids it is asked for that the file lacks.
 
-Repeats: a request carries only its seed, which :func:`kit.execute.repeat_seed` derives
+Repeats: a request carries only its seed, which :func:`kit.runtimes.base.repeat_seed` derives
 from the study seed (``sampling.seed``) and the repeat index. :meth:`generate` inverts that
 (stateless, so resumed runs work): a request's repeat is the ``r`` whose seed equals the
 request's. A seed that matches no repeat (a request made outside :mod:`kit.execute`) is read
@@ -47,6 +47,7 @@ from kit.runtimes.base import (
     ModelIdentity,
     Progress,
     Runtime,
+    repeat_seed,
 )
 from kit.study import ModelSpec, SamplingConfig, file_sha256
 
@@ -251,7 +252,6 @@ class PredictionsRuntime(Runtime):
         return results
 
     def _seed_repeats(self, study_seed: int) -> dict[int, int]:
-        from kit.execute import repeat_seed  # execute imports runtimes.base, not this module
 
         top = max(MAX_REPEATS, max(self.repeats, default=0) + 1)
         return {repeat_seed(study_seed, r): r for r in range(top)}
