@@ -5,9 +5,11 @@ Exit codes
 0  success (``check``: every frozen input unchanged; ``gate``: accepted)
 1  a frozen input changed (``check``, ``candidates``, ``run``; the report says which);
    ``gate``: rejected (a rule failed: its whole CI is outside the budget)
-2  bad input: study, eval set, model path, run folder (the message names it); ``run``: a
-   stage notebook failed (the message names the stage and cell); ``gate``: the run is
-   missing, unjudged or unfinished
+2  bad input: study, eval set, model source, run folder (the message names it); evidence
+   changed after kit wrote it (a stored output, an artifact or the verdict deleted, added or
+   edited: ``check``, ``gate``, ``run``; the message names the file); ``run``: a stage failed
+   (the message names the kit call and where it failed); ``gate``: the run is missing,
+   unjudged, unfinished or frozen without a budget
 3  ``gate``: inconclusive (no rule failed, but one is undecided or not measured)
 
 ``compkit gate runs/NAME`` without ``--candidate`` passes (0) only when every candidate is
@@ -27,11 +29,15 @@ DEMO_STUDY = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.y
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from kit.evalset import label_shares, summary
-    from kit.stages.freeze import prepare
+    from kit.validate import validate_study
 
-    study, eval_set, _, inputs = prepare(args.study)
+    checked = validate_study(args.study)
+    study, eval_set = checked.study, checked.eval_set
     print(f"study {study.name!r}: valid")
-    print(f"eval set {inputs.eval_set_path}: {len(eval_set)} items, sha256 {eval_set.sha256[:16]}")
+    print(
+        f"eval set {study.resolve(study.eval_set.path)}: {len(eval_set)} items, "
+        f"sha256 {eval_set.sha256[:16]}"
+    )
     print(summary(eval_set).to_string(index=False))
     shares = label_shares(eval_set)
     if not shares.empty:
@@ -40,7 +46,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             f"rare labels (< {study.eval_set.rare_label_threshold:.0%}): "
             + (", ".join(f"{r.label} ({r.share:.1%})" for r in rare.itertuples()) or "none")
         )
-    print(f"models: {[study.baseline.name, *(c.name for c in study.candidates)]}")
+    for name, found in checked.sources.items():
+        print(f"model {name}: {found}")
     return 0
 
 
@@ -69,10 +76,22 @@ def _print_freeze_summary(manifest, out: Path) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from kit.integrity import IntegrityError, verify_run
+    from kit.run import Run
     from kit.stages.freeze import check_frozen
+    from kit.verdicts import VERDICT_FILE, VerdictReport
 
     report = check_frozen(args.run)
     print(report.render())
+    run = Run.open(args.run)
+    try:
+        verify_run(run)
+        if (run.root / VERDICT_FILE).is_file():
+            VerdictReport.load(run.root)  # the seal and every evidence file's sha256
+    except IntegrityError as exc:
+        print(f"\nEVIDENCE CHANGED: {exc}")
+        return exc.exit_code
+    print("evidence: every stored output, artifact and the verdict match their records")
     return 0 if report.ok else 1
 
 
@@ -99,7 +118,9 @@ def _ensure_same_study(run: Path, study: Path) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kit.pipeline import run_pipeline
 
-    result = run_pipeline(DEMO_STUDY, args.out, force=args.force, progress=not args.quiet)
+    result = run_pipeline(
+        DEMO_STUDY, args.out, force=args.force, progress=not args.quiet, verbose=args.verbose
+    )
     _print_pipeline_result(result)
     return 0
 
@@ -108,7 +129,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kit.pipeline import run_pipeline
 
     result = run_pipeline(
-        args.study, args.out, stages=args.stage, force=args.force, progress=not args.quiet
+        args.study,
+        args.out,
+        stages=args.stage,
+        force=args.force,
+        progress=not args.quiet,
+        verbose=args.verbose,
     )
     _print_pipeline_result(result)
     return 0
@@ -222,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true", help="show the notebook kernels' log lines")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
@@ -242,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the notebook kernels' log lines")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -386,6 +386,8 @@ def _validate_row(row: dict[str, Any], source: str, row_no: int, wanted: list[st
                 problems.append(Problem(source, f"not valid JSON ({exc.msg})", row_no, key))
     if isinstance(row.get("id"), int) and not isinstance(row["id"], bool):
         row["id"] = str(row["id"])
+    if isinstance(row.get("id"), str):
+        row["id"] = row["id"].strip()  # " a1" and "a1" are one id; "   " is no id
     task = row.get("task")
     if task is None:
         problems.append(
@@ -475,8 +477,20 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     turn an absent field into a null, which is a reference value here)."""
     rows: list[tuple[int, dict[str, Any]]] = []
     problems: list[Problem] = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(
+                    Problem(
+                        str(path),
+                        f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of "
+                        "the line; save the file as UTF-8",
+                        line_no,
+                    )
+                )
+                continue
             if not line.strip():
                 continue
             try:

@@ -47,6 +47,7 @@ Example
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,13 +81,19 @@ class StageInputs:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage notebook of the pipeline and how to parameterise it."""
+    """One stage notebook of the pipeline and how to parameterise it.
+
+    ``reads`` are the run-folder files (glob patterns) the stage's results depend on: when
+    their content changes (a candidate rerun with ``--force`` rewrites outputs and outcomes),
+    the stage is stale and reruns.
+    """
 
     name: str
     notebook: str
     description: str
     parameters: Callable[[StageInputs], dict[str, Any]]
     needs_candidates: bool = False
+    reads: tuple[str, ...] = ()
 
     @property
     def number(self) -> str:
@@ -115,6 +122,9 @@ def _calibration(inputs: StageInputs) -> dict[str, Any]:
     }
 
 
+#: What the comparison stages read: the frozen inputs, every model's outputs and the outcomes.
+_OUTPUTS = ("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json", "outcomes.parquet")
+
 #: The stages in execution order. Notebooks get ``progress=False``: tqdm bars inside an
 #: executed notebook are noise, and a parameter that changes with ``--quiet`` would defeat
 #: resume.
@@ -137,6 +147,7 @@ STAGES: tuple[Stage, ...] = (
         "overall and per-slice deltas, flips, noise floor, worst slices, failing examples",
         _run_only,
         needs_candidates=True,
+        reads=_OUTPUTS,
     ),
     Stage(
         "calibration",
@@ -144,6 +155,7 @@ STAGES: tuple[Stage, ...] = (
         "confidence, calibration, selective prediction and abstention",
         _calibration,
         needs_candidates=True,
+        reads=_OUTPUTS,
     ),
     Stage(
         "memo",
@@ -151,6 +163,7 @@ STAGES: tuple[Stage, ...] = (
         "judge the frozen budget; write verdict.json and the HTML decision memo",
         _run_only,
         needs_candidates=True,
+        reads=(*_OUTPUTS, "tables/*.parquet"),
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -178,6 +191,8 @@ class StageRecord(BaseModel):
     wall_s: float | None = None
     notebook_sha256: str
     parameters: dict[str, Any]
+    kit_version: str | None = None
+    inputs_sha256: str | None = None
     executed_notebook: str | None = None
     html: str | None = None
     error: str | None = None
@@ -242,13 +257,33 @@ def _fresh(record: PipelineRecord, name: str) -> bool:
     return True
 
 
-def _up_to_date(record: PipelineRecord, s: Stage, params: dict[str, Any], sha: str) -> bool:
+def _inputs_sha256(out: Path, s: Stage) -> str | None:
+    """Digest of the files ``s`` reads (None for a stage that reads nothing of the run)."""
+    if not s.reads or not _is_run_folder(out):
+        return None
+    from kit.store import file_sha256
+
+    files = sorted({p for pattern in s.reads for p in out.glob(pattern) if p.is_file()})
+    files = [p for p in files if p.relative_to(out).as_posix() != "tables/verdicts.parquet"]
+    listing = "\n".join(f"{p.relative_to(out).as_posix()} {file_sha256(p)}" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _up_to_date(
+    record: PipelineRecord, s: Stage, params: dict[str, Any], sha: str, out: Path
+) -> bool:
+    """Finished, fresh, same notebook, parameters and kit version, and the files it read
+    unchanged."""
+    from kit import __version__
+
     rec = record.stages.get(s.name)
     return (
         rec is not None
         and _fresh(record, s.name)
         and rec.notebook_sha256 == sha
         and rec.parameters == params
+        and rec.kit_version == __version__
+        and rec.inputs_sha256 == _inputs_sha256(out, s)
     )
 
 
@@ -276,10 +311,13 @@ def unfinished_reason(run_dir: str | Path) -> str | None:
 
 
 class StageFailed(CompkitError):
-    """A stage notebook raised: names the stage, the cell and the exception.
+    """A stage notebook raised: names the kit call that failed, where in kit, and the error.
 
-    ``cell_index`` is the cell's 0-based index in the stage's source notebook
-    (``notebooks/NN_name.ipynb``), ``exec_count`` its ``In [n]`` in the executed copy.
+    ``call`` is the kit function the failing cell called (the outermost kit frame of the
+    traceback: ``kit.stages.candidates.run_candidates``) and ``origin`` the innermost
+    (``kit/runtimes/predictions.py:254 in expect_ids``): where the input at fault was found.
+    ``cell_index`` is the cell's 0-based index in the stage's source notebook, ``exec_count``
+    its ``In [n]`` in the executed copy (kept for the record, printed last).
 
     Exit code 1 when the cause is a changed frozen input (as ``compkit check``), else 2.
     """
@@ -295,6 +333,7 @@ class StageFailed(CompkitError):
         evalue: str,
         executed: Path | None,
         exec_count: int | None = None,
+        traceback: Sequence[str] = (),
     ):
         self.stage = stage_name
         self.notebook = notebook
@@ -304,28 +343,61 @@ class StageFailed(CompkitError):
         self.ename = ename
         self.evalue = evalue
         self.executed = executed
-        first = next((ln.strip() for ln in cell_source.splitlines() if ln.strip()), "")
-        run_as = f"In [{exec_count}]: " if exec_count is not None else ""
-        where = (
-            f"cell {cell_index} ({run_as}`{first}`)"
+        frames = _kit_frames(traceback)
+        self.call = (
+            f"{frames[0][0].removesuffix('.py').replace('/', '.')}.{frames[0][2]}"
+            if frames
+            else _kit_call(cell_source)
+        )
+        self.origin = f"{frames[-1][0]}:{frames[-1][1]} in {frames[-1][2]}" if frames else None
+        where = f"in {self.call}" if self.call else "before any kit call"
+        if self.origin:
+            where += f" ({self.origin})"
+        cell = (
+            f"\nnotebook cell {cell_index}"
+            + (f" (In [{exec_count}])" if exec_count is not None else "")
             if cell_index is not None
-            else "before any cell"
+            else ""
         )
         saved = (
-            f"\nthe partially executed notebook is saved at {executed} "
+            f"; the partially executed notebook is saved at {executed} "
             f"(and {executed.with_suffix('.html')})"
             if executed is not None and executed.exists()
             else ""
         )
-        super().__init__(
-            f"stage {stage_name!r} ({notebook}) failed in {where}: {ename}: {evalue}{saved}"
-        )
+        super().__init__(f"stage {stage_name!r} failed {where}: {ename}: {evalue}{cell}{saved}")
         if ename == "FrozenInputsChanged":
             self.exit_code = 1
 
     @property
     def summary(self) -> str:
         return f"{self.ename}: {self.evalue}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FRAME = re.compile(r"File (?:\S*/)?(kit/[\w/]+\.py):(\d+), in (\w+)")
+_CALL = re.compile(r"^(?:\w+\s*(?:,\s*\w+)*\s*=\s*)?(\w+)\(", re.MULTILINE)
+_IMPORT = re.compile(r"^from (kit[\w.]*) import (.+)$", re.MULTILINE)
+
+
+def _kit_call(source: str) -> str | None:
+    """The kit function a cell calls (``kit.stages.candidates.run_candidates``)."""
+    imported = {
+        name.strip(): module
+        for module, names in _IMPORT.findall(source)
+        for name in names.strip("()").split(",")
+    }
+    for name in _CALL.findall(source):
+        if name in imported:
+            return f"{imported[name]}.{name}"
+    return None
+
+
+def _kit_frames(traceback: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The kit frames of a kernel traceback, outermost first: ``(kit/x.py, line, function)``.
+
+    The outermost is the kit function the cell called, the innermost where it failed."""
+    return _FRAME.findall(_ANSI.sub("", "\n".join(traceback)))
 
 
 # --------------------------------------------------------------------------- execution
@@ -395,7 +467,14 @@ def _relocate(files: list[Path], out: Path) -> list[Path]:
     return moved
 
 
-def _execute(s: Stage, params: dict[str, Any], out: Path, *, progress: bool) -> tuple[Path, Any]:
+#: Kernel arguments that keep the kernel's own log lines (transport warnings, interrupts) off
+#: the terminal; ``compkit run --verbose`` leaves them out.
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
+
+
+def _execute(
+    s: Stage, params: dict[str, Any], out: Path, *, progress: bool, verbose: bool = False
+) -> tuple[Path, Any]:
     """Run one notebook; returns (executed notebook path, error or None)."""
     import papermill as pm
 
@@ -411,6 +490,7 @@ def _execute(s: Stage, params: dict[str, Any], out: Path, *, progress: bool) -> 
             cwd=str(NOTEBOOKS_DIR),
             kernel_name=KERNEL,
             progress_bar=progress,
+            extra_arguments=[] if verbose else QUIET_KERNEL,
         )
     except Exception as exc:  # PapermillExecutionError and kernel/engine failures alike
         error = exc
@@ -430,6 +510,7 @@ def _failure(s: Stage, error: Exception, executed: Path | None) -> StageFailed:
             evalue=error.evalue,
             executed=executed,
             exec_count=error.exec_count,
+            traceback=error.traceback or (),
         )
     return StageFailed(
         s.name,
@@ -480,6 +561,7 @@ def run_pipeline(
     force: bool = False,
     progress: bool = True,
     parameters: Mapping[str, Mapping[str, Any]] | None = None,
+    verbose: bool = False,
 ) -> PipelineResult:
     """Execute the stage notebooks in order with papermill, resuming finished stages.
 
@@ -498,6 +580,8 @@ def run_pipeline(
         Print one line per stage and papermill's progress bar.
     parameters
         Extra notebook parameters per stage name, e.g. ``{"drilldown": {"n_resamples": 200}}``.
+    verbose
+        Let the kernels' own log lines (transport warnings) reach the terminal.
 
     Returns
     -------
@@ -517,6 +601,9 @@ def run_pipeline(
     study, out = Path(study).resolve(), Path(out).resolve()
     if not study.is_file():
         raise CompkitError(f"study file {study} does not exist")
+    if out.exists() and not out.is_dir():
+        raise CompkitError(f"--out {out} is a file; give a run folder (e.g. runs/NAME)")
+    _preflight(study, out)
     extra = dict(parameters or {})
     for name in extra:
         stage(name)
@@ -533,7 +620,7 @@ def run_pipeline(
             continue
         params = {**s.parameters(StageInputs(study, out)), **extra.get(s.name, {})}
         sha = _sha256(NOTEBOOKS_DIR / s.notebook)
-        if not (force or reran or stages is not None) and _up_to_date(record, s, params, sha):
+        if not (force or reran or stages is not None) and _up_to_date(record, s, params, sha, out):
             if s.name == "freeze":
                 from kit.stages.freeze import ensure_frozen
 
@@ -543,10 +630,22 @@ def run_pipeline(
             continue
         _check_candidates(out, s)
         say(f"[{number}/{len(STAGES)}] {s.name}: running {s.notebook}")
-        _run_stage(s, params, sha, out, record, progress=progress)
+        _run_stage(s, params, sha, out, record, progress=progress, verbose=verbose)
         result.ran.append(s.name)
         reran = True
     return result
+
+
+def _preflight(study: Path, out: Path) -> None:
+    """Before any stage writes: every input valid (:func:`kit.validate.validate_study`), and a
+    frozen run folder's evidence exactly as kit wrote it (:func:`kit.integrity.verify_run`)."""
+    from kit.integrity import verify_run
+    from kit.run import MANIFEST, Run
+    from kit.validate import validate_study
+
+    validate_study(study)
+    if (out / MANIFEST).is_file():
+        verify_run(Run.open(out))
 
 
 def _finished(record: PipelineRecord, s: Stage) -> str:
@@ -562,6 +661,7 @@ def _run_stage(
     record: PipelineRecord,
     *,
     progress: bool,
+    verbose: bool = False,
 ) -> None:
     started, t0 = _now(), time.perf_counter()
     rec = StageRecord(
@@ -574,7 +674,7 @@ def _run_stage(
     )
     record.stages[s.name] = rec
     _save(record, out)
-    executed, error = _execute(s, params, out, progress=progress)
+    executed, error = _execute(s, params, out, progress=progress, verbose=verbose)
     files = [executed]
     if executed.exists():
         try:
@@ -590,7 +690,10 @@ def _run_stage(
         rec.executed_notebook = str(executed.relative_to(base))
         rec.html = str(executed.with_suffix(".html").relative_to(base))
     if error is None:
-        rec.status = "finished"
+        from kit import __version__
+
+        rec.status, rec.kit_version = "finished", __version__
+        rec.inputs_sha256 = _inputs_sha256(out, s)
         _save(record, out)
         return
     failure = _failure(s, error, executed if executed.exists() else None)

@@ -46,6 +46,8 @@ from kit.study import SamplingConfig, Study
 MANIFEST = "manifest.json"
 PENDING = "pending.json"
 OUTCOMES = "outcomes.parquet"
+#: sha256 of every derived artifact kit wrote (outcomes, tables): what reads are checked against.
+ARTIFACTS = "artifacts.json"
 SCHEMA_VERSION = 1
 #: Slice columns every frozen run derives (the others are the eval set's own).
 DERIVED_SLICES = ("task", "language", "length_bucket", "label_rarity")
@@ -243,13 +245,12 @@ class Run:
     @functools.cached_property
     def study(self) -> Study:
         """The study as frozen (``frozen/study.yaml``); its paths are not resolved."""
-        import yaml
+        from kit.safeyaml import read_yaml
 
         path = self.frozen_dir / "study.yaml"
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            return Study.model_validate(data)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
+            return Study.model_validate(read_yaml(path, what="frozen study"))
+        except ValueError as exc:
             raise CompkitError(f"{path}: unreadable frozen study: {exc}") from exc
 
     @property
@@ -298,12 +299,76 @@ class Run:
         Raises
         ------
         CompkitError
-            When stage 2 has not written it yet.
+            When stage 2 has not written it yet, or it changed since (:meth:`read_artifact`).
         """
-        path = self.root / OUTCOMES
-        if not path.is_file():
+        if not (self.root / OUTCOMES).is_file():
             raise CompkitError(
-                f"{path}: missing; stage 2 writes it (`compkit candidates ... --out {self.root}`)"
+                f"{self.root / OUTCOMES}: missing; stage 2 writes it "
+                f"(`compkit candidates ... --out {self.root}`)"
+            )
+        return self.read_artifact(OUTCOMES)
+
+    def write_outcomes(self, frame: pd.DataFrame) -> Path:
+        """Write ``outcomes.parquet`` (stage 2 only; every other stage reads it)."""
+        return self.write_artifact(OUTCOMES, frame)
+
+    # ------------------------------------------------------------------ artifacts
+
+    def artifacts(self) -> dict[str, dict[str, Any]]:
+        """``artifacts.json``: relative path -> ``{sha256, rows, written_at}`` of each artifact."""
+        path = self.root / ARTIFACTS
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CompkitError(f"{path}: unreadable artifact record: {exc}") from exc
+
+    def write_artifact(self, relpath: str, frame: pd.DataFrame) -> Path:
+        """Write a parquet artifact atomically and record its sha256 in ``artifacts.json``."""
+        import hashlib
+
+        from filelock import FileLock
+
+        from kit.store import atomic_write_json, now_iso
+
+        path = self.root / relpath
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            data = frame.to_parquet(index=False)
+        with FileLock(str(self.root / f".{ARTIFACTS}.lock")):
+            atomic_write_bytes(path, data)
+            record = self.artifacts()
+            record[relpath] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "rows": len(frame),
+                "written_at": now_iso(),
+            }
+            atomic_write_json(self.root / ARTIFACTS, record)
+        return path
+
+    def read_artifact(self, relpath: str) -> pd.DataFrame:
+        """Read a parquet artifact after checking it is the one kit wrote.
+
+        Raises
+        ------
+        CompkitError
+            When the file is not recorded in ``artifacts.json`` (not written by kit) or its
+            sha256 differs (edited by hand): never read silently.
+        """
+        from kit.store import file_sha256
+
+        path = self.root / relpath
+        entry = self.artifacts().get(relpath)
+        if entry is None:
+            raise CompkitError(
+                f"{path}: not recorded in {self.root / ARTIFACTS}, so not written by this run's "
+                "stages; rerun the stage that writes it (`compkit run ... --force`)"
+            )
+        if file_sha256(path) != entry["sha256"]:
+            raise CompkitError(
+                f"{path}: changed since kit wrote it ({entry['written_at']}); refusing to read "
+                "edited evidence. Rerun the stage that writes it (`compkit run ... --force`)"
             )
         return pd.read_parquet(path)
 
@@ -320,16 +385,13 @@ class Run:
         return self.table_path(name).is_file()
 
     def table(self, name: str) -> pd.DataFrame:
-        """``tables/<name>.parquet``; a missing table names the stage to run."""
+        """``tables/<name>.parquet``, checked against its recorded sha256 (:meth:`read_artifact`);
+        a missing table names the stage to run."""
         path = self.table_path(name)
         if not path.is_file():
             raise CompkitError(f"{path}: missing; run the stage that writes it first")
-        return pd.read_parquet(path)
+        return self.read_artifact(f"tables/{name}.parquet")
 
     def write_table(self, name: str, frame: pd.DataFrame) -> Path:
-        """Write ``tables/<name>.parquet`` atomically; returns its path."""
-        path = self.table_path(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            atomic_write_bytes(path, frame.to_parquet(index=False))
-        return path
+        """Write ``tables/<name>.parquet`` atomically and record it; returns its path."""
+        return self.write_artifact(f"tables/{name}.parquet", frame)

@@ -24,6 +24,18 @@ import pyarrow.parquet as pq
 
 from kit.errors import CompkitError
 
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
 KEY = ["item_id", "repeat"]
 
@@ -118,7 +130,9 @@ class OutputStore:
         return set(self._done)
 
     def read(self) -> pd.DataFrame:
-        """All rows, in write order. Raises if a key appears twice (a store bug)."""
+        """All rows, in write order. A complete store is verified first (:meth:`verify`);
+        a key appearing twice is an error."""
+        self.verify()
         parts = self.parts()
         if not parts:
             return pd.DataFrame()
@@ -131,10 +145,56 @@ class OutputStore:
         return frame
 
     def mark_complete(self, **meta: Any) -> None:
-        atomic_write_json(self.complete_marker, {"finished_at": now_iso(), **meta})
+        """Record that every row is stored: the parts, their sha256 and the row count.
+
+        :meth:`verify` checks the folder against this record later, so a part deleted,
+        added or edited by hand is refused instead of silently judged on fewer rows.
+        """
+        parts = {p.name: file_sha256(p) for p in self.parts()}
+        atomic_write_json(self.complete_marker, {"finished_at": now_iso(), "parts": parts, **meta})
 
     def is_complete(self) -> bool:
         return self.complete_marker.exists()
+
+    def verify(self) -> None:
+        """A complete store must hold exactly the parts its marker recorded, unchanged.
+
+        Raises
+        ------
+        CompkitError
+            Naming the part that is missing, added or changed, or an unreadable marker.
+        """
+        if not self.is_complete():
+            return
+        try:
+            marker = json.loads(self.complete_marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CompkitError(
+                f"{self.complete_marker}: unreadable completion marker: {exc}"
+            ) from exc
+        recorded = marker.get("parts")
+        if not isinstance(recorded, dict):
+            raise CompkitError(
+                f"{self.complete_marker}: no part list; the store was written by an older kit or "
+                "edited by hand; rerun this model with --force"
+            )
+        present = {p.name for p in self.parts()}
+        problems = [f"{self.root / n}: missing" for n in sorted(set(recorded) - present)]
+        problems += [
+            f"{self.root / n}: not written by kit" for n in sorted(present - set(recorded))
+        ]
+        problems += [
+            f"{self.root / n}: changed since it was written"
+            for n in sorted(present & set(recorded))
+            if file_sha256(self.root / n) != recorded[n]
+        ]
+        if problems:
+            shown = "\n".join(f"  - {p}" for p in problems)
+            raise CompkitError(
+                f"{self.root}: the stored outputs disagree with {self.complete_marker.name} "
+                f"({marker.get('rows', '?')} rows recorded); refusing to judge on them:\n{shown}\n"
+                "rerun this model with `compkit candidates --force --only NAME`"
+            )
 
     def clear(self) -> None:
         """Remove every stored row (used by ``--force`` reruns)."""

@@ -25,11 +25,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticError
 
 from kit.errors import CompkitError, Problem, ValidationError
+from kit.safeyaml import read_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -230,12 +230,7 @@ def load_study(path: str | Path) -> Study:
         With one problem per bad key, each naming the key path and the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CompkitError(f"study {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise CompkitError(f"study {path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, what="study")
     if not isinstance(data, dict):
         raise CompkitError(f"study {path}: the top level must be a mapping of keys")
     try:
@@ -262,15 +257,6 @@ def _problem(path: Path, err: dict[str, Any]) -> Problem:
     if err["type"] == "extra_forbidden":
         msg = "unknown key (typo?)"
     return Problem(str(path), msg, field=loc or None)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def slugify(text: str) -> str:

@@ -83,8 +83,7 @@ def _read_evidence(run: Run) -> tuple[pd.DataFrame, list[EvidenceFile]]:
         if not path.is_file():
             files.append(EvidenceFile(table=name, path=str(path), present=False))
             continue
-        data = path.read_bytes()
-        frame = pd.read_parquet(path)
+        frame = run.table(name)  # refuses a table changed since its stage wrote it
         frame = frame[frame["metric"].map(lambda m, t=name: m in METRICS and METRICS[m].table == t)]
         files.append(
             EvidenceFile(
@@ -92,7 +91,7 @@ def _read_evidence(run: Run) -> tuple[pd.DataFrame, list[EvidenceFile]]:
                 path=str(path),
                 present=True,
                 rows=len(frame),
-                sha256=hashlib.sha256(data).hexdigest(),
+                sha256=run.artifacts()[f"tables/{name}.parquet"]["sha256"],
             )
         )
         if len(frame):
@@ -247,10 +246,26 @@ class VerdictReport(BaseModel):
     evidence: list[EvidenceFile] = []
     hashes: dict[str, str | None] = {}
     kit: KitInfo | None = None
+    evidence_sha256: dict[str, str] = {}
+    seal: str = ""
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> VerdictReport:
-        """Read ``run_dir/verdict.json``; a missing or unreadable file is a CompkitError."""
+    def load(cls, run_dir: str | Path, *, verify: bool = True) -> VerdictReport:
+        """Read ``run_dir/verdict.json``.
+
+        With ``verify`` (default) the seal and every evidence file's sha256 are checked
+        (:func:`kit.integrity.verify_verdict`): a verdict edited by hand, or evidence deleted,
+        added or changed since, raises :class:`~kit.integrity.IntegrityError`.
+
+        Raises
+        ------
+        CompkitError
+            Missing or unreadable file; IntegrityError as above.
+        """
+        import json
+
+        from kit.integrity import verify_verdict
+
         path = Path(run_dir) / VERDICT_FILE
         if not path.is_file():
             raise CompkitError(
@@ -258,9 +273,13 @@ class VerdictReport(BaseModel):
                 f"(run `compkit run STUDY --out {run_dir}` or notebook 07)"
             )
         try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+            content = json.loads(path.read_text(encoding="utf-8"))
+            report = cls.model_validate(content)
         except ValueError as exc:
             raise CompkitError(f"{path}: unreadable verdict file: {exc}") from exc
+        if verify:
+            verify_verdict(Run(run_dir), content)
+        return report
 
     def verdicts_frame(self) -> pd.DataFrame:
         """The verdict rows as :func:`kit.budget.judge.evaluate_rules` returned them."""
@@ -418,8 +437,6 @@ def judge_run(
         Not a frozen run, frozen copy edited by hand, no candidate outputs, or evidence
         computed at another confidence level.
     """
-    from kit.store import atomic_write_text
-
     run = Run.open(run)
     status = budget_status(run)
     names = list(candidates) if candidates is not None else run.candidates()
@@ -446,5 +463,24 @@ def judge_run(
             candidates=names,
         )
         run.write_table(VERDICT_TABLE, verdicts)
-        atomic_write_text(run.root / VERDICT_FILE, report.model_dump_json(indent=2) + "\n")
+        write_report(run.root, report)
     return Judgement(verdicts, decisions, status)
+
+
+def write_report(run_dir: str | Path, report: VerdictReport) -> Path:
+    """Write ``verdict.json`` sealed: the digests of the evidence as it is now, and the seal.
+
+    Call it last: every file written afterwards that the verdict rests on makes it stale.
+    """
+    import json
+
+    from kit.integrity import evidence_digests, seal
+    from kit.store import atomic_write_text
+
+    run = Run(run_dir)
+    content = report.model_copy(update={"evidence_sha256": evidence_digests(run), "seal": ""})
+    payload = content.model_dump(mode="json")
+    payload["seal"] = seal(payload)
+    path = run.root / VERDICT_FILE
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return path

@@ -321,37 +321,63 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
 
 
 @pytest.mark.notebooks
-def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_path, capsys):
+def test_a_candidate_rerun_makes_the_comparison_stages_stale(piped, capsys):
+    from kit.pipeline import run_pipeline
+
+    study, out, _ = piped
+    assert main(["candidates", "--out", str(out), "--only", "same", "--force", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["gate", str(out)]) == 2  # the verdict no longer describes the outputs
+    assert "changed" in capsys.readouterr().err
+    result = run_pipeline(study, out, progress=False)
+    assert result.ran == ["drilldown", "calibration", "memo"]
+    assert main(["gate", str(out), "--candidate", "same"]) == 0
+
+
+def test_bad_input_fails_before_anything_is_written(tmp_path, capsys):
+    study = write_study(tmp_path / "study", drop={"worse": "g2-07"})
+    out = tmp_path / "runs" / "early"
+    assert main(["run", str(study), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "worse.jsonl" in err and "'g2-07'" in err and "field 'id'" in err
+    assert not out.exists()  # no baseline was frozen for a study that cannot run
+
+
+@pytest.mark.notebooks
+def test_a_failing_stage_names_the_kit_call_and_keeps_its_notebook(tmp_path, capsys):
     from kit.pipeline import StageFailed, run_pipeline
 
-    study = write_study(tmp_path / "study", drop={"worse": "g2-07"})
+    study = write_study(tmp_path / "study")
     out = tmp_path / "runs" / "broken"
     with pytest.raises(StageFailed) as info:
-        run_pipeline(study, out, progress=False)
+        run_pipeline(study, out, progress=False, parameters={"drilldown": {"metric": "acuracy"}})
     err = info.value
     message = str(err)
-    assert err.stage == "candidates"
-    assert "stage 'candidates' (02_run_candidates.ipynb) failed in cell" in message
-    assert "`from kit.stages.candidates import run_candidates`" in message
-    assert "ValidationError" in message and "'g2-07'" in message
-    executed = out / "notebooks" / "02_run_candidates.ipynb"
+    assert err.stage == "drilldown"
+    assert err.call == "kit.stages.drilldown.write_drilldown_tables"
+    assert err.origin is not None and err.origin.startswith("kit/metrics.py:")
+    assert "stage 'drilldown' failed in kit.stages.drilldown.write_drilldown_tables" in message
+    assert "unknown metric 'acuracy' (did you mean 'accuracy'?)" in message
+    assert "from kit" not in message.splitlines()[0]  # never blames the import line
+    executed = out / "notebooks" / "03_slice_drilldown.ipynb"
     assert executed.is_file() and executed.with_suffix(".html").is_file()
     assert str(executed) in message
-    source = json.loads((ROOT / "notebooks" / "02_run_candidates.ipynb").read_text())["cells"]
-    assert "".join(source[err.cell_index]["source"]).startswith("from kit.stages.candidates import")
-    assert f"failed in cell {err.cell_index} (In [{err.exec_count}]: " in message
-    saved = json.loads(executed.read_text())["cells"]
-    failed = [c for c in saved if c["cell_type"] == "code" and c.get("outputs")]
-    assert any(o.get("output_type") == "error" for c in failed for o in c["outputs"])
+    source = json.loads((ROOT / "notebooks" / "03_slice_drilldown.ipynb").read_text())["cells"]
+    assert "write_drilldown_tables(" in "".join(source[err.cell_index]["source"])
     record = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert record["freeze"]["status"] == "finished"
-    assert record["candidates"]["status"] == "failed"
-    assert "ValidationError" in record["candidates"]["error"]
-    assert "drilldown" not in record  # later stages did not run
+    assert record["candidates"]["status"] == "finished"
+    assert record["drilldown"]["status"] == "failed"
+    assert "CompkitError" in record["drilldown"]["error"]
+    assert "calibration" not in record  # later stages did not run
     capsys.readouterr()
     assert main(["gate", str(out)]) == 2
-    assert "stage 'candidates' failed" in capsys.readouterr().err
-    assert main(["run", str(study), "--out", str(out), "--quiet"]) == 2
+    assert "stage 'drilldown' failed" in capsys.readouterr().err
+
+
+def test_kernel_log_lines_stay_off_the_terminal_unless_verbose():
+    from kit.pipeline import QUIET_KERNEL
+
+    assert QUIET_KERNEL == ["--IPKernelApp.log_level=ERROR"]
 
 
 # --------------------------------------------------------------------------- gate
@@ -359,7 +385,7 @@ def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_pat
 
 def _crafted(folder: Path, decisions: dict[str, str]) -> Path:
     """A run folder holding only a crafted verdict.json with these decisions."""
-    from kit.verdicts import VERDICT_FILE, BudgetBanner, DecisionRow, VerdictReport, VerdictRow
+    from kit.verdicts import BudgetBanner, DecisionRow, VerdictReport, VerdictRow, write_report
 
     verdict = {"accepted": "pass", "rejected": "fail", "inconclusive": "inconclusive"}
     report = VerdictReport(
@@ -402,7 +428,7 @@ def _crafted(folder: Path, decisions: dict[str, str]) -> Path:
         ),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / VERDICT_FILE).write_text(report.model_dump_json())
+    write_report(folder, report)  # sealed, as judge_run writes it
     return folder
 
 

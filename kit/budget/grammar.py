@@ -88,7 +88,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic import ValidationError as PydanticError
 
@@ -96,6 +95,7 @@ from kit.errors import CompkitError
 from kit.evalset import TASKS
 from kit.metrics import METRICS, MetricSpec, format_limit, phrase_index
 from kit.metrics import metric as metric_spec
+from kit.safeyaml import read_yaml
 
 Op = Literal["<", "<=", ">", ">="]
 ChangeKind = Literal["points", "absolute", "relative", "no_increase", "no_decrease"]
@@ -889,10 +889,7 @@ def load_budget(
     if not path.is_file():
         raise CompkitError(f"budget file {path} does not exist")
     data = path.read_bytes()
-    try:
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CompkitError(f"budget {path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, what="budget")
     try:
         parsed = BudgetFile.model_validate(raw)
     except PydanticError as exc:

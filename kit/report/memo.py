@@ -166,8 +166,9 @@ def _figure(key: str, title: str, caption: str, make: Callable[[], Any]) -> Figu
 
 
 def _read(run_dir: Path, name: str) -> pd.DataFrame | None:
-    path = run_dir / "tables" / f"{name}.parquet"
-    return pd.read_parquet(path) if path.is_file() else None
+    """A stage table (checked against its recorded sha256), or None when the stage has not run."""
+    run = Run.open(run_dir)
+    return run.table(name) if run.has_table(name) else None
 
 
 def _drilldown_metric(run_dir: Path) -> str:

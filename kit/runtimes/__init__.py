@@ -7,7 +7,7 @@ and a missing optional dependency produces a message naming the extra to install
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kit.errors import CompkitError, DependencyMissing, Problem, ValidationError
@@ -19,8 +19,16 @@ if TYPE_CHECKING:
     from kit.study import ModelSpec, Study
 
 
+Options = dict[str, type | tuple[type, ...]]
+#: Read by callers (progress bars), accepted by every runtime.
+_COMMON: Options = {"progress": (bool, int, float, str, type(None))}
+
+
 @dataclass(frozen=True)
 class RuntimeInfo:
+    """A runtime's metadata; ``options`` are the ``spec.options`` keys it reads and their types
+    (any other key is refused with a "did you mean")."""
+
     name: str
     target: str  # "module:Class"
     description: str
@@ -28,6 +36,7 @@ class RuntimeInfo:
     extra: str  # pip extra that provides it
     logprobs: bool  # can report token logprobs / score choices
     in_process: bool
+    options: Options = field(default_factory=lambda: dict(_COMMON))
 
 
 RUNTIMES: dict[str, RuntimeInfo] = {
@@ -49,6 +58,15 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         extra="llamacpp",
         logprobs=True,
         in_process=True,
+        options={
+            "n_ctx": int,
+            "n_threads": int,
+            "n_batch": int,
+            "n_gpu_layers": int,
+            "extra_buffers": bool,
+            "verbose": bool,
+            **_COMMON,
+        },
     ),
     "openai": RuntimeInfo(
         name="openai",
@@ -59,6 +77,19 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         extra="core",
         logprobs=True,
         in_process=False,
+        options={
+            "concurrency": int,
+            "timeout_s": (int, float),
+            "connect_timeout_s": (int, float),
+            "max_retries": int,
+            "backoff_s": (int, float),
+            "backoff_max_s": (int, float),
+            "logprobs": bool,
+            "stream": bool,
+            "neutral_sampling": bool,
+            "extra_body": dict,
+            **_COMMON,
+        },
     ),
     "predictions": RuntimeInfo(
         name="predictions",
@@ -91,7 +122,8 @@ def open_runtime(spec: ModelSpec, *, base_dir: Path | None = None) -> Runtime:
 
 
 def check_study_runtimes(study: Study) -> None:
-    """Every model of ``study`` names a registered runtime; else one problem per model key.
+    """Every model of ``study`` names a registered runtime and only options it reads; else one
+    problem per model key.
 
     Raises
     ------
@@ -107,6 +139,7 @@ def check_study_runtimes(study: Study) -> None:
     problems = []
     for key, spec in models:
         if spec.runtime in RUNTIMES:
+            problems += option_problems(spec, key=key, source=str(study.source))
             continue
         close = difflib.get_close_matches(spec.runtime, list(RUNTIMES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -119,3 +152,35 @@ def check_study_runtimes(study: Study) -> None:
         )
     if problems:
         raise ValidationError(f"study {study.source}", problems)
+
+
+def option_problems(spec: ModelSpec, *, key: str, source: str) -> list[Problem]:
+    """Unknown ``spec.options`` keys (with a close match) and values of the wrong type."""
+    import difflib
+
+    info = RUNTIMES.get(spec.runtime)
+    if info is None:
+        return []
+    problems = []
+    for name, value in spec.options.items():
+        if name not in info.options:
+            known = sorted(k for k in info.options if k != "progress")
+            close = difflib.get_close_matches(name, list(info.options), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                Problem(
+                    source,
+                    f"unknown option {name!r}{hint}; the {spec.runtime} runtime reads "
+                    f"{known or 'no options'}",
+                    field=f"{key}.options.{name}",
+                )
+            )
+            continue
+        allowed = info.options[name]
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join(t.__name__ for t in allowed)
+            problems.append(
+                Problem(source, f"expected {names}, got {value!r}", field=f"{key}.options.{name}")
+            )
+    return problems

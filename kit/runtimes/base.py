@@ -134,6 +134,18 @@ class Runtime(ABC):
         """
         return None
 
+    @classmethod
+    def check_source(
+        cls, spec: ModelSpec, *, base_dir: Path, ids: Sequence[str], repeats: int
+    ) -> str:
+        """Open the model's source without running it; return what was found.
+
+        Called by ``compkit validate`` and at the start of ``compkit run`` so a missing file,
+        a malformed predictions file or a dead endpoint fails in seconds, before anything is
+        written. Raises :class:`~kit.errors.CompkitError` naming the model and the source.
+        """
+        return "not checked before the run"
+
     @abstractmethod
     def generate(
         self,

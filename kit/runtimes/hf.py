@@ -44,6 +44,7 @@ from transformers import (
 from kit.errors import CompkitError
 from kit.models import (
     BUILTIN_PREFIX,
+    builtin_gguf_path,
     identity_files,
     read_source_record,
     resolve_model_dir,
@@ -406,6 +407,18 @@ class TransformersRuntime(Runtime):
         if self._identity is None:
             self._identity = self._describe()
         return self._identity
+
+    @classmethod
+    def check_source(cls, spec: ModelSpec, *, base_dir: Path, ids, repeats: int) -> str:
+        """The model folder (or the builtin package's GGUF) exists and holds loadable weights
+        (safetensors or a GGUF; pickle-only folders are refused)."""
+        if spec.model.startswith(BUILTIN_PREFIX):
+            gguf = builtin_gguf_path(spec.model.removeprefix(BUILTIN_PREFIX))
+            return f"builtin model, GGUF {gguf}"
+        source = _locate(spec, base_dir)
+        return f"model folder {source.folder}" + (
+            f" (GGUF {source.gguf_file})" if source.gguf_file else ""
+        )
 
     @classmethod
     def weights_fingerprint(cls, spec: ModelSpec, *, base_dir: Path) -> str | None:

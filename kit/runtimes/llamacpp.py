@@ -63,6 +63,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from kit.errors import CompkitError
 from kit.models import BUILTIN_PREFIX, builtin_gguf_path, resolve_model_dir
+from kit.runtimes import RUNTIMES
 from kit.runtimes.base import (
     ChoiceRequest,
     ChoiceScores,
@@ -73,20 +74,14 @@ from kit.runtimes.base import (
     Prompt,
     Runtime,
 )
+from kit.store import file_sha256 as store_sha256
 from kit.study import ModelSpec, SamplingConfig
 
 GGUF_MAGIC = b"GGUF"
 
 #: ``spec.options`` keys this runtime reads, with the type each must have.
-OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "n_ctx": int,
-    "n_threads": int,
-    "n_batch": int,
-    "n_gpu_layers": int,
-    "extra_buffers": bool,
-    "verbose": bool,
-    "progress": (bool, int, float, str, type(None)),  # read by callers, ignored here
-}
+#: The ``spec.options`` this runtime reads (declared once, in the registry).
+OPTIONS = RUNTIMES["llamacpp"].options
 
 #: GGUF ``general.file_type`` number -> name ("Q4_1", "F16", ...).
 FILE_TYPES: dict[int, str] = {
@@ -373,6 +368,12 @@ class LlamaCppRuntime(Runtime):
             device=_device_name(self.spec, self._settings["n_gpu_layers"]),
             extra=extra,
         )
+
+    @classmethod
+    def check_source(cls, spec: ModelSpec, *, base_dir: Path, ids, repeats: int) -> str:
+        """The GGUF file exists, is readable and starts with the GGUF magic bytes."""
+        path = locate_gguf(spec, base_dir)
+        return f"GGUF {path} ({path.stat().st_size / 1e6:.1f} MB)"
 
     @classmethod
     def weights_fingerprint(cls, spec: ModelSpec, *, base_dir: Path) -> str | None:
@@ -675,13 +676,10 @@ def _model_desc(llm: llama_cpp.Llama) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered for this process while its size and mtime are unchanged."""
+    """sha256 of a file (:func:`kit.store.file_sha256`), remembered for this process while its
+    size and mtime are unchanged (GGUF files are hashed once, not per open)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = store_sha256(path)
     return _FILE_HASHES[key]

@@ -95,6 +95,7 @@ from typing import Any, TypeVar
 import httpx
 
 from kit.errors import CompkitError
+from kit.runtimes import RUNTIMES
 from kit.runtimes.base import (
     ChoiceRequest,
     ChoiceScores,
@@ -110,19 +111,8 @@ from kit.study import ModelSpec, SamplingConfig
 T = TypeVar("T")
 
 #: ``spec.options`` keys this runtime reads, with the types each may have.
-OPTIONS: dict[str, type | tuple[type, ...]] = {
-    "concurrency": int,
-    "timeout_s": (int, float),
-    "connect_timeout_s": (int, float),
-    "max_retries": int,
-    "backoff_s": (int, float),
-    "backoff_max_s": (int, float),
-    "logprobs": bool,
-    "stream": bool,
-    "neutral_sampling": bool,
-    "extra_body": dict,
-    "progress": (bool, int, float, str, type(None)),  # read by callers, ignored here
-}
+#: The ``spec.options`` this runtime reads (declared once, in the registry).
+OPTIONS = RUNTIMES["openai"].options
 
 #: Sampling settings that make a server decode under the study's rule alone, by server.
 NEUTRAL_SAMPLING: dict[str, dict[str, Any]] = {
@@ -475,6 +465,19 @@ class OpenAIRuntime(Runtime):
             "flavour": flavour,
             "server": resp.headers.get("server"),
         }
+
+    @classmethod
+    def check_source(cls, spec: ModelSpec, *, base_dir: Path, ids, repeats: int) -> str:
+        """The endpoint answers ``/v1/models`` and serves the model (a single-model server,
+        such as llama-cpp-python's, answers under any name)."""
+        with cls(spec, base_dir=base_dir) as runtime:
+            served = runtime._server["ids"]
+        if len(served) > 1 and spec.model not in served:
+            raise CompkitError(
+                f"model {spec.name!r}: the server at {spec.endpoint} serves {served}, not "
+                f"{spec.model!r}; set model to one of them"
+            )
+        return f"endpoint {spec.endpoint}: serves {served or 'an unnamed model'}"
 
     def identity(self) -> ModelIdentity:
         if self._identity is None:

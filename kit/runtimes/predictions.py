@@ -49,7 +49,8 @@ from kit.runtimes.base import (
     Runtime,
     repeat_seed,
 )
-from kit.study import ModelSpec, SamplingConfig, file_sha256
+from kit.store import file_sha256
+from kit.study import ModelSpec, SamplingConfig
 
 FORMAT_VERSION = "predictions-file v1"
 #: Ids shown in a missing/extra message before "... and N more".
@@ -141,6 +142,13 @@ class PredictionsRuntime(Runtime):
         self._by_key = {(r.id, r.repeat): r for r in self.rows}
         self.repeats = sorted({r.repeat for r in self.rows})
         self._expected: set[str] | None = None
+
+    @classmethod
+    def check_source(cls, spec: ModelSpec, *, base_dir: Path, ids, repeats: int) -> str:
+        """The whole file validated and its ids matched against the run's (no model runs)."""
+        runtime = cls(spec, base_dir=base_dir)
+        runtime.expect_ids(ids, repeats=repeats)
+        return f"predictions file {runtime.path}: {len(runtime.rows)} rows, ids match"
 
     # ------------------------------------------------------------------ which ids
 

@@ -33,7 +33,7 @@ from kit.recipes import (
     has_packed_weights,
     model_footprint,
 )
-from kit.run import CandidateManifest, Run
+from kit.run import OUTCOMES, CandidateManifest, Run
 from kit.runtimes import check_study_runtimes, open_runtime
 from kit.runtimes.base import Runtime
 from kit.stages.freeze import require_unchanged
@@ -234,11 +234,8 @@ def write_outcomes(run: Run, *, sources=()) -> pd.DataFrame:
 
     This is the one place outputs are scored: stages 3, 4, 7 and the memo read the file.
     """
-    from kit.run import OUTCOMES
-    from kit.store import atomic_write_bytes
-
     outcomes = score_run(run, sources=sources)
-    atomic_write_bytes(run.root / OUTCOMES, outcomes.to_parquet(index=False))
+    run.write_outcomes(outcomes)
     return outcomes
 
 
@@ -246,10 +243,9 @@ def candidate_summary(run_dir: str | Path) -> pd.DataFrame:
     """One row per finished candidate: size, parameters, errors, wall time, accuracy."""
     run_dir = Path(run_dir)
     rows = []
-    outcomes_path = run_dir / "outcomes.parquet"
     acc = (
-        pd.read_parquet(outcomes_path).groupby("model")["correct"].mean()
-        if outcomes_path.exists()
+        Run.open(run_dir).outcomes().groupby("model")["correct"].mean()
+        if (run_dir / OUTCOMES).exists()
         else pd.Series(dtype=float)
     )
     for path in sorted((run_dir / "candidates").glob("*.json")):

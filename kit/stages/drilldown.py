@@ -53,7 +53,7 @@ from kit.evalset import EvalItem, EvalSet
 from kit.run import Run
 from kit.scoring import label_metrics, metric_columns
 from kit.stats.intervals import proportion_ci
-from kit.study import file_sha256
+from kit.store import file_sha256
 
 FAILING_COLUMNS = [
     "item_id",

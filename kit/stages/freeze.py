@@ -50,8 +50,8 @@ from kit.prompts import PromptBuilder, template_sha256
 from kit.run import MANIFEST, PENDING, BaselineManifest, FrozenInputs, OutputsSummary
 from kit.runtimes import check_study_runtimes, open_runtime, runtime_class
 from kit.runtimes.base import Runtime
-from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
-from kit.study import Study, file_sha256, load_study
+from kit.store import OutputStore, atomic_write_json, atomic_write_text, file_sha256, now_iso
+from kit.study import Study, load_study
 
 # --------------------------------------------------------------------------- freeze
 
@@ -229,6 +229,8 @@ def ensure_frozen(
 def _check_run_dir(out: Path, inputs: FrozenInputs) -> bool:
     """Whether ``out`` holds an interrupted freeze of the same inputs (resume); raises when
     ``out`` is frozen already, was interrupted with other inputs, or is something else."""
+    if out.exists() and not out.is_dir():
+        raise CompkitError(f"--out {out} is a file; give a run folder (e.g. runs/NAME)")
     if (out / MANIFEST).exists():
         m = BaselineManifest.load(out)
         raise CompkitError(
