@@ -22,7 +22,6 @@ from pathlib import Path
 
 from kit.errors import CompkitError
 
-DEMO_STUDY = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.yaml"
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -99,7 +98,9 @@ def _ensure_same_study(run: Path, study: Path) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kit.pipeline import run_pipeline
 
-    result = run_pipeline(DEMO_STUDY, args.out, force=args.force, progress=not args.quiet)
+    from kit.resources import demo_dir
+
+    result = run_pipeline(demo_dir() / "study.yaml", args.out, force=args.force, progress=not args.quiet)
     _print_pipeline_result(result)
     return 0
 

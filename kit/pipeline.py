@@ -60,9 +60,13 @@ from pydantic import BaseModel
 
 from kit.environment import KitInfo
 from kit.errors import CompkitError
+from kit.resources import notebooks_dir, templates_dir
 
 PIPELINE_FILE = "pipeline.json"
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = notebooks_dir()
+#: nbconvert template (``templates/nbconvert/compkit``): JupyterLab's look without any
+#: script loaded from the network; charts are inline SVG outputs.
+EXPORT_TEMPLATE = "compkit"
 KERNEL = "python3"
 SCHEMA_VERSION = 1
 
@@ -361,18 +365,33 @@ def _save(record: PipelineRecord, out: Path) -> None:
         atomic_write_text(out / PIPELINE_FILE, record.model_dump_json(indent=2) + "\n")
 
 
-def _export_html(notebook: Path) -> Path:
+def export_html(notebook: str | Path) -> Path:
+    """Write ``notebook``'s HTML export next to it (``.html``) and return its path.
+
+    The export opens offline: compkit's nbconvert template loads no script (no require.js,
+    MathJax, mermaid or widget manager from a CDN), widget views and widget state are left
+    out, and ``text/html`` outputs are sanitized (nbconvert's ``sanitize_html``). Charts are
+    the SVG outputs of :mod:`kit.report.charts.display`.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     from kit.store import atomic_write_text
 
-    body, _ = HTMLExporter(exclude_input=False).from_notebook_node(
-        nbformat.read(notebook, as_version=4)
+    notebook = Path(notebook)
+    node = nbformat.read(notebook, as_version=4)
+    node.metadata.pop("widgets", None)
+    exporter = HTMLExporter(
+        extra_template_basedirs=[str(templates_dir() / "nbconvert")],
+        template_name=EXPORT_TEMPLATE,
+        sanitize_html=True,
+        exclude_input=False,
     )
+    body, _ = exporter.from_notebook_node(node)
     html = notebook.with_suffix(".html")
     atomic_write_text(html, body)
     return html
+
 
 
 def _relocate(files: list[Path], out: Path) -> list[Path]:
@@ -578,7 +597,7 @@ def _run_stage(
     files = [executed]
     if executed.exists():
         try:
-            files.append(_export_html(executed))
+            files.append(export_html(executed))
         except Exception as exc:  # the export must not hide the stage's own outcome
             if error is None:
                 error = exc

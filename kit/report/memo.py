@@ -38,11 +38,12 @@ from typing import Any
 import pandas as pd
 
 from kit.errors import CompkitError, DependencyMissing
+from kit.resources import templates_dir
 from kit.verdicts import VerdictReport, sample_size_caveats
 
 MEMO_FILE = "memo.html"
 TEMPLATE = "memo.html.j2"
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES_DIR = templates_dir()
 DECISION_WORDS = {
     "accepted": "may replace the baseline",
     "rejected": "may not replace the baseline",

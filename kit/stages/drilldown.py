@@ -36,9 +36,10 @@ from pathlib import Path
 import pandas as pd
 
 from kit.analysis.compare import flip_table, item_flips, noise_floor
+from kit.analysis.items import parse_slice, reference_text
 from kit.analysis.slices import default_slice_columns, discover_slices, slice_table, worst_slices
 from kit.errors import CompkitError
-from kit.evalset import EvalItem, EvalSet
+from kit.evalset import EvalSet
 from kit.scoring import ScoreSource, label_metrics, metric_columns
 
 FAILING_COLUMNS = [
@@ -82,43 +83,6 @@ def load_run_outcomes(run_dir: str | Path, *, sources: Sequence[ScoreSource] = (
 
 
 # --------------------------------------------------------------------------- examples
-
-
-def reference_text(item: EvalItem) -> str:
-    """An item's reference as plain text for a side-by-side table."""
-    import json
-
-    if item.task == "classification":
-        return str(item.label)
-    if item.task == "multiple_choice":
-        assert item.choices is not None and item.answer is not None
-        return f"{chr(ord('A') + item.answer)}) {item.choices[item.answer]}"
-    if item.task == "extraction":
-        return json.dumps(item.fields, ensure_ascii=False, sort_keys=True)
-    if item.task == "refusal":
-        return "should refuse" if item.should_refuse else "should answer"
-    if item.task == "tool_call":
-        call = {"tool": item.expected_tool, "arguments": item.expected_args}
-        return json.dumps(call, ensure_ascii=False, sort_keys=True)
-    return item.reference or ""
-
-
-def parse_slice(slice: str | Mapping[str, str] | None) -> dict[str, str]:
-    """``"channel=email & language=de"`` (as :func:`kit.analysis.slices.discover_slices` writes it)
-    or a mapping -> ``{column: value}``; ``None`` -> ``{}``."""
-    if slice is None:
-        return {}
-    if isinstance(slice, Mapping):
-        return {str(k): str(v) for k, v in slice.items()}
-    out = {}
-    for part in str(slice).split("&"):
-        column, sep, value = part.strip().partition("=")
-        if not sep or not column.strip():
-            raise CompkitError(
-                f"slice {slice!r}: write it as 'column=value' or 'a=x & b=y' (as discovered)"
-            )
-        out[column.strip()] = value.strip()
-    return out
 
 
 def side_by_side(
