@@ -168,6 +168,45 @@ def stage(name: str) -> Stage:
     raise CompkitError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
+# --------------------------------------------------------------------------- defaults
+
+
+def study_path(study: str | Path = "") -> Path:
+    """The study a stage notebook runs on: ``study``, or the built-in demo study when empty."""
+    from kit.resources import demo_dir
+
+    path = Path(study).expanduser() if str(study).strip() else demo_dir() / "study.yaml"
+    if not path.is_file():
+        raise CompkitError(f"study file {path} does not exist")
+    return path.resolve()
+
+
+def default_run_dir(study: str | Path = "") -> Path:
+    """``runs/<study name>`` under the working directory, where ``compkit run`` users keep runs.
+
+    When the working directory is the source tree's ``notebooks/`` folder (Jupyter opened a
+    stage notebook from a checkout) the runs folder is the checkout's, as for ``compkit demo``.
+    """
+    import re
+
+    from kit.resources import SOURCE_ROOT, is_source_notebooks
+    from kit.study import load_study
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", load_study(study_path(study)).name).strip("-.")
+    base = Path.cwd()
+    if is_source_notebooks(base):
+        base = SOURCE_ROOT
+    return base / "runs" / (name or "study")
+
+
+def stage_run_dir(*, study: str | Path = "", run: str | Path = "") -> Path:
+    """The run folder a stage notebook works on: ``run``, else :func:`default_run_dir` of
+    ``study`` (the demo study when both are empty)."""
+    if str(run).strip():
+        return Path(run).expanduser().resolve()
+    return default_run_dir(study)
+
+
 # --------------------------------------------------------------------------- record
 
 
@@ -369,9 +408,10 @@ def export_html(notebook: str | Path) -> Path:
     """Write ``notebook``'s HTML export next to it (``.html``) and return its path.
 
     The export opens offline: compkit's nbconvert template loads no script (no require.js,
-    MathJax, mermaid or widget manager from a CDN), widget views and widget state are left
-    out, and ``text/html`` outputs are sanitized (nbconvert's ``sanitize_html``). Charts are
-    the SVG outputs of :mod:`kit.report.charts.display`.
+    MathJax, mermaid or widget manager from a CDN) and leaves widget views and widget state
+    out. Charts are the SVG outputs of :mod:`kit.report.charts.display`; ``text/html``
+    outputs are kit's (Jinja2 autoescape) and pandas' (escaped) tables. nbconvert's
+    ``sanitize_html`` is off: it escapes ``<style>`` and ``<tbody>`` and would break them.
     """
     import nbformat
     from nbconvert import HTMLExporter
@@ -384,7 +424,6 @@ def export_html(notebook: str | Path) -> Path:
     exporter = HTMLExporter(
         extra_template_basedirs=[str(templates_dir() / "nbconvert")],
         template_name=EXPORT_TEMPLATE,
-        sanitize_html=True,
         exclude_input=False,
     )
     body, _ = exporter.from_notebook_node(node)

@@ -179,7 +179,7 @@ def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
         assert len(tagged) == 1
     memo = pm.inspect_notebook(str(NOTEBOOKS_DIR / "07_acceptance_memo.ipynb"))
     assert memo["run"]["inferred_type_name"] == "str"
-    assert memo["run"]["default"] == '"../runs/demo"'
+    assert memo["run"]["default"] == '""'  # empty: runs/<study name> (kit.pipeline.stage_run_dir)
     nb = nbformat.read(NOTEBOOKS_DIR / "07_acceptance_memo.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
@@ -303,13 +303,13 @@ def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_pat
     message = str(err)
     assert err.stage == "candidates"
     assert "stage 'candidates' (02_run_candidates.ipynb) failed in cell" in message
-    assert "`from kit.stages.candidates import run_candidates`" in message
+    assert "`from kit.pipeline import stage_run_dir`" in message
     assert "ValidationError" in message and "'g2'" in message
     executed = out / "notebooks" / "02_run_candidates.ipynb"
     assert executed.is_file() and executed.with_suffix(".html").is_file()
     assert str(executed) in message
     source = json.loads((ROOT / "notebooks" / "02_run_candidates.ipynb").read_text())["cells"]
-    assert "".join(source[err.cell_index]["source"]).startswith("from kit.stages.candidates import")
+    assert "".join(source[err.cell_index]["source"]).startswith("from kit.pipeline import stage_run_dir")
     assert f"failed in cell {err.cell_index} (In [{err.exec_count}]: " in message
     saved = json.loads(executed.read_text())["cells"]
     failed = [c for c in saved if c["cell_type"] == "code" and c.get("outputs")]

@@ -66,7 +66,8 @@ def reference_text(item: EvalItem) -> str:
     return item.reference or ""
 
 
-def _metric_column(outcomes: pd.DataFrame, metric: str) -> str:
+def outcome_column(outcomes: pd.DataFrame, metric: str) -> str:
+    """The outcome column holding ``metric`` (a column name or a registered metric name)."""
     from kit.scoring import metric_columns
 
     if metric in outcomes.columns:
@@ -197,7 +198,7 @@ def paired_items(
             raise CompkitError(
                 f"model {name!r} has no outcomes; models: {sorted(outcomes['model'].unique())}"
             )
-    column = _metric_column(outcomes, metric)
+    column = outcome_column(outcomes, metric)
     flips = _flips(outcomes, column, baseline=baseline, candidate=candidate)
     flips = flips.sort_values("item_id").set_index("item_id")
     items = eval_set.by_id()
@@ -297,8 +298,10 @@ def select_items(
         keep &= items["flip"].isin(list(flips))
     if search.strip():
         needle = search.strip().casefold()
-        text = items[list(SEARCHED)].astype(str).agg("\n".join, axis=1).str.casefold()
-        keep &= text.str.contains(needle, regex=False)
+        found = pd.Series(False, index=items.index)
+        for column in SEARCHED:
+            found |= items[column].astype(str).str.casefold().str.contains(needle, regex=False)
+        keep &= found
     if confidence_range is not None:
         if confidence_of not in ("baseline", "candidate"):
             raise CompkitError(

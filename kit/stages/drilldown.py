@@ -429,3 +429,119 @@ def write_drilldown_tables(
         },
     )
     return tables
+
+
+# --------------------------------------------------------------------------- exploration
+
+
+@dataclass(frozen=True, eq=False)
+class ExplorerInputs:
+    """Everything the interactive drill-down reads, loaded once from a run folder.
+
+    ``slice_table`` and ``discovered_slices`` are the stage tables (a ``metric`` column
+    names each row's metric; discovered rows without one are accuracy flips); ``confidence``
+    is :func:`kit.analysis.calibration.confidence_frame` with the calibration stage's source
+    and ``reliability`` its uniform bins per model (:func:`kit.analysis.calibration.reliability_bins`).
+    """
+
+    baseline: str
+    candidates: list[str]
+    outcomes: pd.DataFrame
+    outputs: pd.DataFrame
+    eval_set: EvalSet
+    slices: pd.DataFrame
+    slice_table: pd.DataFrame
+    discovered_slices: pd.DataFrame
+    confidence: pd.DataFrame
+    confidence_source: str
+    reliability: pd.DataFrame
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metrics of the slice table in its order (each task's primary metric first)."""
+        return list(dict.fromkeys(self.slice_table["metric"]))
+
+    @property
+    def slice_columns(self) -> list[str]:
+        """Slice columns of the slice table, in its order."""
+        return [c for c in dict.fromkeys(self.slice_table["slice"]) if c != "overall"]
+
+    def items(self, *, candidate: str, metric: str) -> pd.DataFrame:
+        """:func:`kit.analysis.items.paired_items` of ``candidate`` on ``metric``."""
+        from kit.analysis.items import paired_items
+
+        return paired_items(
+            self.outcomes,
+            self.outputs,
+            self.eval_set,
+            baseline=self.baseline,
+            candidate=candidate,
+            metric=metric,
+            slices=self.slices,
+            confidence=self.confidence,
+        )
+
+    def discovered(self, *, candidate: str, metric: str) -> pd.DataFrame:
+        """Discovered slices of ``candidate`` for ``metric`` (empty when none were searched)."""
+        rows = self.discovered_slices
+        rows = rows[rows["model"] == candidate] if "model" in rows.columns else rows.iloc[:0]
+        if "metric" in rows.columns:
+            return rows[rows["metric"] == metric].reset_index(drop=True)
+        return rows.reset_index(drop=True) if metric == "accuracy" else rows.iloc[:0]
+
+
+def _confidence_source(run_dir: Path) -> str:
+    """The calibration stage's confidence source (``tables/calibration.json``), else auto."""
+    import json
+
+    path = run_dir / "tables" / "calibration.json"
+    if path.is_file():
+        params = json.loads(path.read_text(encoding="utf-8")).get("parameters", {})
+        return str(params.get("confidence", "auto"))
+    return "auto"
+
+
+def explorer_inputs(
+    run_dir: str | Path,
+    *,
+    tables: DrilldownTables | None = None,
+    outcomes: pd.DataFrame | None = None,
+    n_bins: int = 10,
+) -> ExplorerInputs:
+    """Load what :func:`kit.report.widgets.slice_explorer` shows, from a run folder.
+
+    Parameters
+    ----------
+    tables
+        The drill-down tables (default: read from ``tables/``; run notebook 03 first).
+    outcomes
+        An already scored outcome table (default: :func:`load_run_outcomes`).
+    n_bins
+        Uniform reliability bins of the calibration view.
+    """
+    from kit.analysis.calibration import confidence_frame, reliability_bins
+    from kit.stages.candidates import stored_outputs
+    from kit.stages.freeze import load_frozen
+
+    frozen = load_frozen(run_dir)
+    baseline, candidates = run_models(frozen.run_dir)
+    if not candidates:
+        raise CompkitError(f"{run_dir}: no candidate outputs to explore (run stage 2 first)")
+    outcomes = load_run_outcomes(run_dir) if outcomes is None else outcomes
+    tables = read_drilldown_tables(run_dir) if tables is None else tables
+    outputs = stored_outputs(frozen.run_dir)
+    source = _confidence_source(frozen.run_dir)
+    conf = confidence_frame(outputs, outcomes, source=source)
+    return ExplorerInputs(
+        baseline=baseline,
+        candidates=candidates,
+        outcomes=outcomes,
+        outputs=outputs,
+        eval_set=frozen.eval_set,
+        slices=frozen.slices(),
+        slice_table=tables.slice_table,
+        discovered_slices=tables.discovered_slices,
+        confidence=conf,
+        confidence_source=source,
+        reliability=reliability_bins(conf, n_bins=n_bins, strategies=("uniform",)),
+    )

@@ -156,24 +156,32 @@ def frontend_is_interactive() -> bool:
     return bool(getattr(kernel, "_allow_stdin", False))
 
 
-def use_charts(interactive: bool | None = None) -> Mode:
+_CHOICES = {"auto": None, "yes": True, "true": True, "no": False, "false": False}
+
+
+def use_charts(interactive: bool | str | None = None) -> Mode:
     """Register kit's offline renderers and enable one for every altair chart displayed.
 
     Parameters
     ----------
     interactive
-        ``True``: Vega widgets (JupyterLab); ``False``: SVG/PNG drawn in the kernel; ``None``
-        (default): :func:`frontend_is_interactive` decides.
+        ``True`` / ``"yes"``: Vega widgets (JupyterLab); ``False`` / ``"no"``: SVG/PNG drawn
+        in the kernel; ``None`` / ``"auto"`` (default): :func:`frontend_is_interactive`
+        decides.
 
     Returns
     -------
     str
         The renderer enabled: ``"compkit-interactive"`` or ``"compkit-static"``.
     """
+    if isinstance(interactive, str):
+        if interactive.strip().lower() not in _CHOICES:
+            raise CompkitError(
+                f"interactive={interactive!r}: use one of {sorted(_CHOICES)} (or True / False)"
+            )
+        interactive = _CHOICES[interactive.strip().lower()]
     if interactive is not None and not isinstance(interactive, bool):
-        raise CompkitError(
-            f"use_charts(interactive=...) takes True, False or None, not {interactive!r}"
-        )
+        raise CompkitError(f"interactive={interactive!r}: use 'auto', 'yes', 'no', True or False")
     alt = _altair()
     alt.renderers.register(STATIC, static_bundle)
     alt.renderers.register(INTERACTIVE, interactive_bundle)
@@ -181,3 +189,16 @@ def use_charts(interactive: bool | None = None) -> Mode:
     mode: Mode = INTERACTIVE if live else STATIC
     alt.renderers.enable(mode)
     return mode
+
+
+def note(text: str, *, kind: str = "info") -> Any:
+    """A message for a notebook output: escaped HTML (with a plain-text twin), drawn the same
+    in JupyterLab and in the HTML export, never a quoted Python string."""
+    import html
+
+    from IPython.display import HTML
+
+    colors = {"info": "#31708f", "warning": "#8a6d3b", "error": "#a94442"}
+    if kind not in colors:
+        raise CompkitError(f"note kind {kind!r} is not one of {sorted(colors)}")
+    return HTML(f'<p class="compkit-note" style="color:{colors[kind]}">{html.escape(text)}</p>')
