@@ -51,12 +51,13 @@ _ITEMS_TEMPLATE = """
 <style>
 .ck-items { max-height: 640px; overflow: auto; width: 100%; box-sizing: border-box; }
 .ck-items table { table-layout: fixed; width: 100%; border-collapse: collapse; font-size: 12px; }
-.ck-items th { position: sticky; top: 0; background: #f3f3f3; text-align: left; padding: 4px; }
-.ck-items td { vertical-align: top; padding: 4px; border-top: 1px solid #ddd;
+.ck-items th { position: sticky; top: 0; background: #f3f3f3; text-align: left !important; padding: 4px; }
+.ck-items td { vertical-align: top; padding: 4px; border-top: 1px solid #ddd; text-align: left !important;
   white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; }
 .ck-flip { display: inline-block; padding: 1px 6px; border-radius: 8px; color: #fff; }
 .ck-muted { color: #666; }
 </style>
+{% if title %}<h4 class="ck-title">{{ title }}</h4>{% endif %}
 <div class="ck-items">
 <table class="ck-items-table">
 <colgroup><col style="width:7%"><col style="width:10%"><col style="width:24%">
@@ -97,8 +98,11 @@ def _confidence(value: Any) -> str:
     return "–" if value is None or pd.isna(value) else f"{float(value):.2f}"
 
 
-def items_html(items: pd.DataFrame, *, baseline: str, candidate: str) -> str:
-    """The item table as HTML (autoescaped; text wraps, the table never outgrows its box)."""
+def items_html(
+    items: pd.DataFrame, *, baseline: str, candidate: str, title: str | None = None
+) -> str:
+    """The item table as HTML (autoescaped; text wraps, the table never outgrows its box),
+    under an optional ``title``."""
     from kit.report.charts.comparison import FLIP_COLORS
 
     rows = [
@@ -119,7 +123,7 @@ def items_html(items: pd.DataFrame, *, baseline: str, candidate: str) -> str:
     return (
         _jinja()
         .from_string(_ITEMS_TEMPLATE)
-        .render(rows=rows, baseline=baseline, candidate=candidate)
+        .render(rows=rows, baseline=baseline, candidate=candidate, title=title)
     )
 
 
@@ -432,6 +436,7 @@ def slice_explorer(
     *,
     tables: DrilldownTables | None = None,
     outcomes: pd.DataFrame | None = None,
+    inputs: ExplorerInputs | None = None,
     page_size: int = 25,
 ) -> ipywidgets.VBox:
     """The drill-down explorer of a run (notebook 03 shows it in interactive sessions).
@@ -442,6 +447,9 @@ def slice_explorer(
         A run folder with the drill-down tables (notebook 03 writes them).
     tables, outcomes
         The notebook's already computed tables and outcome table (saves re-reading).
+    inputs
+        Already loaded :func:`kit.stages.drilldown.explorer_inputs` (then ``run_dir``,
+        ``tables`` and ``outcomes`` are not read).
     page_size
         Items listed at once ("show more" adds as many).
 
@@ -452,9 +460,9 @@ def slice_explorer(
     """
     from kit.stages.drilldown import explorer_inputs
 
-    explorer = Explorer(
-        explorer_inputs(run_dir, tables=tables, outcomes=outcomes), page_size=page_size
-    )
+    if inputs is None:
+        inputs = explorer_inputs(run_dir, tables=tables, outcomes=outcomes)
+    explorer = Explorer(inputs, page_size=page_size)
     explorer.widget.explorer = explorer
     return explorer.widget
 
