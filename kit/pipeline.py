@@ -46,6 +46,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import time
@@ -60,6 +61,7 @@ from pydantic import BaseModel
 
 from kit.environment import KitInfo
 from kit.errors import CompkitError
+from kit.progress import ProgressRelay
 from kit.resources import notebooks_dir, templates_dir
 
 PIPELINE_FILE = "pipeline.json"
@@ -121,7 +123,8 @@ def _calibration(inputs: StageInputs) -> dict[str, Any]:
 
 #: The stages in execution order. Notebooks get ``progress=False``: tqdm bars inside an
 #: executed notebook are noise, and a parameter that changes with ``--quiet`` would defeat
-#: resume.
+#: resume. Progress reaches the terminal through :mod:`kit.progress` instead (an
+#: environment variable names the events file; see :class:`kit.progress.ProgressRelay`).
 STAGES: tuple[Stage, ...] = (
     Stage(
         "freeze",
@@ -432,7 +435,6 @@ def export_html(notebook: str | Path) -> Path:
     return html
 
 
-
 def _relocate(files: list[Path], out: Path) -> list[Path]:
     """Move staged files into ``out/notebooks`` once ``out`` is a run folder."""
     if not _is_run_folder(out):
@@ -461,17 +463,21 @@ def _execute(s: Stage, params: dict[str, Any], out: Path, *, progress: bool) -> 
     folder.mkdir(parents=True, exist_ok=True)
     executed = folder / s.notebook
     error: Any = None
-    try:
-        pm.execute_notebook(
-            str(NOTEBOOKS_DIR / s.notebook),
-            str(executed),
-            parameters=params,
-            cwd=str(NOTEBOOKS_DIR),
-            kernel_name=KERNEL,
-            progress_bar=progress,
-        )
-    except Exception as exc:  # PapermillExecutionError and kernel/engine failures alike
-        error = exc
+    relay = ProgressRelay(f"  [{s.name}]") if progress else contextlib.nullcontext()
+    with relay:
+        try:
+            pm.execute_notebook(
+                str(NOTEBOOKS_DIR / s.notebook),
+                str(executed),
+                parameters=params,
+                cwd=str(NOTEBOOKS_DIR),
+                kernel_name=KERNEL,
+                # papermill's cell bar only on a terminal: in a log its carriage returns
+                # garble the relayed per-model lines
+                progress_bar=progress and isinstance(relay, ProgressRelay) and relay.live,
+            )
+        except Exception as exc:  # PapermillExecutionError and kernel/engine failures alike
+            error = exc
     return executed, error
 
 

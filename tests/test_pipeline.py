@@ -309,7 +309,9 @@ def test_a_failing_stage_names_the_stage_and_cell_and_keeps_its_notebook(tmp_pat
     assert executed.is_file() and executed.with_suffix(".html").is_file()
     assert str(executed) in message
     source = json.loads((ROOT / "notebooks" / "02_run_candidates.ipynb").read_text())["cells"]
-    assert "".join(source[err.cell_index]["source"]).startswith("from kit.pipeline import stage_run_dir")
+    assert "".join(source[err.cell_index]["source"]).startswith(
+        "from kit.pipeline import stage_run_dir"
+    )
     assert f"failed in cell {err.cell_index} (In [{err.exec_count}]: " in message
     saved = json.loads(executed.read_text())["cells"]
     failed = [c for c in saved if c["cell_type"] == "code" and c.get("outputs")]

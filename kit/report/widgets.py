@@ -210,7 +210,9 @@ class Explorer:
         for i, t in enumerate(tabs):
             tab.set_title(i, panels[t][0])
         self.tab = tab
-        controls = w.HBox([self.candidate, self.metric, self.column], layout=w.Layout(flex_flow="row wrap"))
+        controls = w.HBox(
+            [self.candidate, self.metric, self.column], layout=w.Layout(flex_flow="row wrap")
+        )
         filters = w.HBox([self.search, self.clear], layout=w.Layout(flex_flow="row wrap"))
         return w.VBox(
             [controls, tab, self.flips, filters, self.status, self.table, self.more],
@@ -243,7 +245,9 @@ class Explorer:
             self.pick.bin_model, self.pick.bin_range, self.pick.first_bin = None, None, False
         else:
             rows = self.data.reliability
-            row = rows[(rows["model"] == model) & (rows["bin"] == bin) & (rows["slice"] == "overall")]
+            row = rows[
+                (rows["model"] == model) & (rows["bin"] == bin) & (rows["slice"] == "overall")
+            ]
             if row.empty:
                 raise CompkitError(f"model {model!r} has no reliability bin {bin}")
             self.pick.bin_model = model

@@ -441,9 +441,8 @@ def slice_pick_chart(
             label="datum.slice_value + ' (n=' + datum.n + ')'",
         )
         .properties(
-            title=f"{model}: {metric} change by {slice} (95% CI)" + (
-                " · click a slice for its items" if select else ""
-            ),
+            title=f"{model}: {metric} change by {slice} (95% CI)"
+            + (" · click a slice for its items" if select else ""),
             width=380,
             height=height,
         )
