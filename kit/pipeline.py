@@ -429,7 +429,7 @@ def export_html(notebook: str | Path) -> Path:
         template_name=EXPORT_TEMPLATE,
         exclude_input=False,
     )
-    body, _ = exporter.from_notebook_node(node)
+    body, _ = exporter.from_notebook_node(node, resources={"metadata": {"name": notebook.stem}})
     html = notebook.with_suffix(".html")
     atomic_write_text(html, body)
     return html

@@ -143,7 +143,7 @@ class _Pick:
     """What the user selected: a slice (``"column=value"`` or a discovered conjunction),
     a confidence bin (whose model, its edges, whether it is the first bin)."""
 
-    slice: str | None = None
+    slice: dict[str, str] | None = None
     bin_model: str | None = None
     bin_range: tuple[float, float] | None = None
     first_bin: bool = False
@@ -232,11 +232,16 @@ class Explorer:
     # ---------------------------------------------------------------- user actions
 
     def pick_slice(self, value: str | None) -> None:
-        """Select a slice: a value of the current slice column, ``"col=value"`` or a
-        discovered conjunction; ``None`` clears it."""
-        if value is not None and "=" not in value:
-            value = f"{self.column.value}={value}"
-        self.pick.slice = value
+        """Select the items whose current slice column equals ``value`` (what a click on the
+        slice chart does); ``None`` clears the slice."""
+        self.pick.slice = None if value is None else {self.column.value: str(value)}
+        self._refresh(reset=True)
+
+    def pick_discovered(self, definition: str | None) -> None:
+        """Select a discovered slice by its definition (``"channel=email & task=refusal"``)."""
+        from kit.analysis.items import parse_slice
+
+        self.pick.slice = parse_slice(definition) if definition else None
         self._refresh(reset=True)
 
     def pick_bin(self, model: str | None, bin: int | None = None) -> None:
@@ -268,7 +273,7 @@ class Explorer:
 
     def _on_discovered(self, change: Any) -> None:
         if change["new"] is not None:
-            self.pick_slice(change["new"])
+            self._guarded(self.pick_discovered, change["new"])
 
     # ---------------------------------------------------------------- redraws
 
@@ -354,14 +359,21 @@ class Explorer:
 
     def _on_slice_click(self, change: Any) -> None:
         values = getattr(change["new"], "value", None) or []
-        self.pick_slice(str(values[0]["slice_value"]) if values else None)
+        self._guarded(self.pick_slice, str(values[0]["slice_value"]) if values else None)
 
     def _on_bin_click(self, change: Any) -> None:
         values = getattr(change["new"], "value", None) or []
         if values:
-            self.pick_bin(str(values[0]["model"]), int(values[0]["bin"]))
+            self._guarded(self.pick_bin, str(values[0]["model"]), int(values[0]["bin"]))
         else:
-            self.pick_bin(None)
+            self._guarded(self.pick_bin, None)
+
+    def _guarded(self, action: Any, *args: Any) -> None:
+        """Run a click's action; a CompkitError shows in the status line, never vanishes."""
+        try:
+            action(*args)
+        except CompkitError as exc:
+            self.status.value = notice(str(exc), kind="error").value
 
     def selection(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The items of the picked slice / bin, and of those the ones the flip filter and the
@@ -414,7 +426,7 @@ class Explorer:
 
         parts = [f"{n} of {total} items of {self.candidate.value} on {self.metric.value}"]
         if self.pick.slice:
-            parts.append(f"slice {self.pick.slice}")
+            parts.append("slice " + " & ".join(f"{k}={v}" for k, v in self.pick.slice.items()))
         if self.pick.bin_model is not None and self.pick.bin_range is not None:
             lo, hi = self.pick.bin_range
             parts.append(f"{self.pick.bin_model} confidence in ({lo:.2f}, {hi:.2f}]")
