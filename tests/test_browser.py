@@ -213,3 +213,15 @@ def test_jupyterlab_runs_the_drilldown_and_the_explorer_answers_clicks(piped, tm
         assert log.dialogs == [], log.dialogs  # no planted payload ran
         assert log.page_errors == [], log.page_errors
         assert [u for u in log.blocked if not u.startswith("ws:")] == [], log.blocked
+
+
+def test_a_missing_browser_fails_on_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    import browser
+
+    monkeypatch.setattr(browser, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="make browser"):
+        browser.require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        browser.require_browser()
