@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -294,14 +292,13 @@ def test_compkit_run_relays_each_models_progress_without_changing_parameters(tmp
 
 
 def _help(notebook: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "papermill", "--help-notebook", str(notebook)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return result.stdout
+    """What ``papermill --help-notebook NOTEBOOK`` prints (its click command, in process)."""
+    from click.testing import CliRunner
+    from papermill.cli import papermill
+
+    result = CliRunner().invoke(papermill, ["--help-notebook", str(notebook)])
+    assert result.exit_code == 0, result.output
+    return result.output
 
 
 def test_every_stage_notebook_documents_typed_parameters():
