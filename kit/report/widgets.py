@@ -47,6 +47,7 @@ FLIP_LABELS = {
     "better": "better",
     "unchanged": "unchanged",
 }
+_LIGHT_FLIPS = ("unchanged_right", "unchanged_wrong")  # pale badges take dark text
 _ITEMS_TEMPLATE = """
 <style>
 .ck-items { max-height: 640px; overflow: auto; width: 100%; box-sizing: border-box; }
@@ -54,13 +55,13 @@ _ITEMS_TEMPLATE = """
 .ck-items th { position: sticky; top: 0; background: #f3f3f3; text-align: left !important; padding: 4px; }
 .ck-items td { vertical-align: top; padding: 4px; border-top: 1px solid #ddd; text-align: left !important;
   white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; }
-.ck-flip { display: inline-block; padding: 1px 6px; border-radius: 8px; color: #fff; }
+.ck-flip { display: inline-block; padding: 1px 6px; border-radius: 8px; line-height: 1.4; }
 .ck-muted { color: #666; }
 </style>
 {% if title %}<h4 class="ck-title">{{ title }}</h4>{% endif %}
 <div class="ck-items">
 <table class="ck-items-table">
-<colgroup><col style="width:7%"><col style="width:10%"><col style="width:24%">
+<colgroup><col style="width:9%"><col style="width:10%"><col style="width:22%">
 <col style="width:13%"><col style="width:18%"><col style="width:18%"><col style="width:10%">
 </colgroup>
 <thead><tr><th>item</th><th>flip</th><th>input</th><th>reference</th>
@@ -70,7 +71,7 @@ _ITEMS_TEMPLATE = """
 {%- for r in rows %}
 <tr data-item="{{ r.item_id }}">
 <td>{{ r.item_id }}<br><span class="ck-muted">{{ r.task }}</span></td>
-<td><span class="ck-flip" style="background:{{ r.color }}">{{ r.flip_label }}</span></td>
+<td><span class="ck-flip" style="background:{{ r.color }};color:{{ r.ink }}">{{ r.flip_label }}</span></td>
 <td>{{ r.input }}</td><td>{{ r.reference }}</td>
 <td>{{ r.baseline_output }}</td><td>{{ r.candidate_output }}</td>
 <td>{{ r.baseline_confidence }} → {{ r.candidate_confidence }}</td>
@@ -111,6 +112,7 @@ def items_html(
             "task": r.task,
             "flip_label": FLIP_LABELS.get(r.flip, r.flip),
             "color": FLIP_COLORS.get(r.flip, "#7f7f7f"),
+            "ink": "#222" if r.flip in _LIGHT_FLIPS else "#fff",
             "input": r.input,
             "reference": r.reference,
             "baseline_output": r.baseline_output,
