@@ -34,20 +34,20 @@ demo: setup  ## set up, then run the built-in demo
 	$(BIN)/compkit demo
 
 .PHONY: browser
-browser:  ## headless Chromium for the memo's browser test (Debian package; installed only as root)
+browser:  ## headless Chromium for the browser tests: memo, notebook exports, JupyterLab (Debian package; installed only as root)
 	@if [ -x /usr/bin/chromium ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "== installing Debian chromium (the memo's browser test opens memo.html in it)"; \
+		echo "== installing Debian chromium (Playwright drives it for the browser tests)"; \
 		apt-get install -y --no-install-recommends chromium \
 			|| { apt-get update && apt-get install -y --no-install-recommends chromium; }; \
 	else echo "== chromium is missing and this is not root: install it (apt-get install chromium);" \
-		"the memo's browser test is skipped (and fails when CI=true)"; fi
+		"the browser tests are skipped (and fail when CI=true)"; fi
 
 test: setup browser  ## set up, then run the whole test suite
 	$(BIN)/pytest
 
-test-fast: setup  ## skip tests marked slow (real SmolLM2, servers)
-	$(BIN)/pytest -m "not slow"
+test-fast: setup  ## skip tests marked slow (real SmolLM2, servers) and browser (Chromium)
+	$(BIN)/pytest -m "not slow and not browser"
 
 lint: setup
 	$(BIN)/ruff check kit tests benchmarks scripts

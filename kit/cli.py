@@ -24,8 +24,6 @@ from pathlib import Path
 
 from kit.errors import CompkitError
 
-DEMO_STUDY = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.yaml"
-
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from kit.evalset import label_shares, summary
@@ -48,6 +46,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         )
     for name, found in checked.sources.items():
         print(f"model {name}: {found}")
+    return 0
+
+
+def _cmd_new(args: argparse.Namespace) -> int:
+    from kit.scaffold import new_study
+
+    made = new_study(
+        args.name,
+        eval_set=args.eval_set,
+        baseline=args.baseline,
+        runtime=args.runtime,
+        folder=args.dir,
+        task=args.task,
+    )
+    print(f"wrote {', '.join(str(f) for f in made.files)}")
+    _cmd_validate(argparse.Namespace(study=str(made.study)))
+    print(
+        f"\nnext: review {made.folder / 'budget.yaml'} (write the rules BEFORE any result "
+        f"exists; they are frozen with the baseline) and the candidates in {made.study}, then"
+    )
+    print(f"  {made.next_command}")
     return 0
 
 
@@ -117,9 +136,14 @@ def _ensure_same_study(run: Path, study: Path) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kit.pipeline import run_pipeline
+    from kit.resources import demo_dir
 
     result = run_pipeline(
-        DEMO_STUDY, args.out, force=args.force, progress=not args.quiet, verbose=args.verbose
+        demo_dir() / "study.yaml",
+        args.out,
+        force=args.force,
+        progress=not args.quiet,
+        verbose=args.verbose,
     )
     _print_pipeline_result(result)
     return 0
@@ -209,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a study and its eval set; print a summary")
     p.add_argument("study", help="study YAML")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser(
+        "new", help="write a new study (study.yaml, prompt.jinja, budget.yaml) and validate it"
+    )
+    p.add_argument("name", help="study name; the folder it goes to unless --dir")
+    p.add_argument("--eval-set", required=True, metavar="FILE", help="eval set (JSONL, CSV, ...)")
+    p.add_argument(
+        "--baseline",
+        required=True,
+        metavar="MODEL",
+        help="builtin:<name>, an HF folder, a .gguf file, a predictions .jsonl, or a served name",
+    )
+    p.add_argument("--runtime", help="default: from MODEL (.gguf llamacpp, .jsonl predictions)")
+    p.add_argument("--dir", help="folder to write (default ./NAME); existing files are refused")
+    p.add_argument("--task", help="task of eval rows without a 'task' column")
+    p.set_defaults(func=_cmd_new)
 
     p = sub.add_parser("freeze", help="stage 1: run the baseline and freeze it in a run folder")
     p.add_argument("study", help="study YAML")

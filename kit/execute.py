@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kit.evalset import EvalItem
+from kit.progress import task_progress
 from kit.prompts import PromptBuilder
 from kit.runtimes.base import (
     ChoiceRequest,
@@ -151,22 +152,27 @@ def run_model(
         chunk_size or runtime.spec.batch_size
     )  # one stored part per batch: fine progress and resume
     plan.score_choices = score_choices and runtime.supports_choice_scoring
+    total, initial = len(plan.keys()), len(plan.keys()) - len(todo)
     bar = tqdm(
-        total=len(plan.keys()),
-        initial=len(plan.keys()) - len(todo),
+        total=total,
+        initial=initial,
         unit="item",
         desc=f"{plan.model_name}",
         disable=not progress,
         dynamic_ncols=True,
     )
+    # relayed to `compkit run`'s terminal when a pipeline runs this kernel (kit.progress)
+    events = task_progress(plan.model_name, total=total, initial=initial)
     try:
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             frame = _run_chunk(runtime, plan, chunk)
             store.append(frame)
             bar.update(len(chunk))
+            events.update(len(chunk))
     finally:
         bar.close()
+        events.close()
     rows = store.read()
     store.mark_complete(model=plan.model_name, rows=len(rows), repeats=plan.repeats)
     return rows

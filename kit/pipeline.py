@@ -46,6 +46,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
@@ -61,9 +62,14 @@ from pydantic import BaseModel
 
 from kit.environment import KitInfo
 from kit.errors import CompkitError
+from kit.progress import ProgressRelay
+from kit.resources import notebooks_dir, templates_dir
 
 PIPELINE_FILE = "pipeline.json"
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = notebooks_dir()
+#: nbconvert template (``templates/nbconvert/compkit``): JupyterLab's look without any
+#: script loaded from the network; charts are inline SVG outputs.
+EXPORT_TEMPLATE = "compkit"
 KERNEL = "python3"
 SCHEMA_VERSION = 1
 
@@ -127,7 +133,8 @@ _OUTPUTS = ("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json", "outcomes.p
 
 #: The stages in execution order. Notebooks get ``progress=False``: tqdm bars inside an
 #: executed notebook are noise, and a parameter that changes with ``--quiet`` would defeat
-#: resume.
+#: resume. Progress reaches the terminal through :mod:`kit.progress` instead (an
+#: environment variable names the events file; see :class:`kit.progress.ProgressRelay`).
 STAGES: tuple[Stage, ...] = (
     Stage(
         "freeze",
@@ -175,6 +182,45 @@ def stage(name: str) -> Stage:
         if s.name == name:
             return s
     raise CompkitError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def study_path(study: str | Path = "") -> Path:
+    """The study a stage notebook runs on: ``study``, or the built-in demo study when empty."""
+    from kit.resources import demo_dir
+
+    path = Path(study).expanduser() if str(study).strip() else demo_dir() / "study.yaml"
+    if not path.is_file():
+        raise CompkitError(f"study file {path} does not exist")
+    return path.resolve()
+
+
+def default_run_dir(study: str | Path = "") -> Path:
+    """``runs/<study name>`` under the working directory, where ``compkit run`` users keep runs.
+
+    When the working directory is the source tree's ``notebooks/`` folder (Jupyter opened a
+    stage notebook from a checkout) the runs folder is the checkout's, as for ``compkit demo``.
+    """
+    import re
+
+    from kit.resources import SOURCE_ROOT, is_source_notebooks
+    from kit.study import load_study
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", load_study(study_path(study)).name).strip("-.")
+    base = Path.cwd()
+    if is_source_notebooks(base):
+        base = SOURCE_ROOT
+    return base / "runs" / (name or "study")
+
+
+def stage_run_dir(*, study: str | Path = "", run: str | Path = "") -> Path:
+    """The run folder a stage notebook works on: ``run``, else :func:`default_run_dir` of
+    ``study`` (the demo study when both are empty)."""
+    if str(run).strip():
+        return Path(run).expanduser().resolve()
+    return default_run_dir(study)
 
 
 # --------------------------------------------------------------------------- record
@@ -433,15 +479,29 @@ def _save(record: PipelineRecord, out: Path) -> None:
         atomic_write_text(out / PIPELINE_FILE, record.model_dump_json(indent=2) + "\n")
 
 
-def _export_html(notebook: Path) -> Path:
+def export_html(notebook: str | Path) -> Path:
+    """Write ``notebook``'s HTML export next to it (``.html``) and return its path.
+
+    The export opens offline: compkit's nbconvert template loads no script (no require.js,
+    MathJax, mermaid or widget manager from a CDN) and leaves widget views and widget state
+    out. Charts are the SVG outputs of :mod:`kit.report.charts.display`; ``text/html``
+    outputs are kit's (Jinja2 autoescape) and pandas' (escaped) tables. nbconvert's
+    ``sanitize_html`` is off: it escapes ``<style>`` and ``<tbody>`` and would break them.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     from kit.store import atomic_write_text
 
-    body, _ = HTMLExporter(exclude_input=False).from_notebook_node(
-        nbformat.read(notebook, as_version=4)
+    notebook = Path(notebook)
+    node = nbformat.read(notebook, as_version=4)
+    node.metadata.pop("widgets", None)
+    exporter = HTMLExporter(
+        extra_template_basedirs=[str(templates_dir() / "nbconvert")],
+        template_name=EXPORT_TEMPLATE,
+        exclude_input=False,
     )
+    body, _ = exporter.from_notebook_node(node, resources={"metadata": {"name": notebook.stem}})
     html = notebook.with_suffix(".html")
     atomic_write_text(html, body)
     return html
@@ -482,18 +542,22 @@ def _execute(
     folder.mkdir(parents=True, exist_ok=True)
     executed = folder / s.notebook
     error: Any = None
-    try:
-        pm.execute_notebook(
-            str(NOTEBOOKS_DIR / s.notebook),
-            str(executed),
-            parameters=params,
-            cwd=str(NOTEBOOKS_DIR),
-            kernel_name=KERNEL,
-            progress_bar=progress,
-            extra_arguments=[] if verbose else QUIET_KERNEL,
-        )
-    except Exception as exc:  # PapermillExecutionError and kernel/engine failures alike
-        error = exc
+    relay = ProgressRelay(f"  [{s.name}]") if progress else contextlib.nullcontext()
+    with relay:
+        try:
+            pm.execute_notebook(
+                str(NOTEBOOKS_DIR / s.notebook),
+                str(executed),
+                parameters=params,
+                cwd=str(NOTEBOOKS_DIR),
+                kernel_name=KERNEL,
+                # papermill's cell bar only on a terminal: in a log its carriage returns
+                # garble the relayed per-model lines
+                progress_bar=progress and isinstance(relay, ProgressRelay) and relay.live,
+                extra_arguments=[] if verbose else QUIET_KERNEL,
+            )
+        except Exception as exc:  # PapermillExecutionError and kernel/engine failures alike
+            error = exc
     return executed, error
 
 
@@ -678,7 +742,7 @@ def _run_stage(
     files = [executed]
     if executed.exists():
         try:
-            files.append(_export_html(executed))
+            files.append(export_html(executed))
         except Exception as exc:  # the export must not hide the stage's own outcome
             if error is None:
                 error = exc

@@ -377,25 +377,24 @@ def test_write_drilldown_tables(run_dir):
 
 def test_slice_explorer_updates_chart_and_examples(run_dir):
     pytest.importorskip("ipywidgets")
-    from kit.report.widgets import ALL_VALUES, slice_explorer
+    from kit.report.widgets import slice_explorer
     from kit.stages.drilldown import write_drilldown_tables
 
     outcomes = load_run_outcomes(run_dir)
     tables = write_drilldown_tables(run_dir, n_resamples=50)
-    box = slice_explorer(run_dir, tables=tables, outcomes=outcomes)
-    candidate, column, metric, value = box.children[0].children
-    chart_out, table_out = box.children[1].children
-    assert (candidate.value, metric.value, value.value) == ("q4", "accuracy", ALL_VALUES)
-    assert "vega" in chart_out.outputs[0]["data"]["text/html"]
-    assert "c1" in table_out.outputs[0]["data"]["text/plain"]
-    column.value = "channel"
-    assert value.options == (ALL_VALUES, "chat", "email")
-    value.value = "chat"
-    assert len(table_out.outputs) == 1
-    assert "no right->wrong items for q4" in table_out.outputs[0]["data"]["text/plain"]
-    candidate.value = "q8"
-    metric.value = "chrf"
-    assert len(chart_out.outputs) == 1 and "vega" in chart_out.outputs[0]["data"]["text/html"]
+    explorer = slice_explorer(run_dir, tables=tables, outcomes=outcomes).explorer
+    assert (explorer.candidate.value, explorer.metric.value) == ("q4", "accuracy")
+    spec = explorer._slice_chart.spec
+    assert spec["params"][0]["name"] == "slice_pick"  # a click on a slice reaches Python
+    assert "c1" in explorer.table.value
+    explorer.column.value = "channel"
+    explorer.pick_slice("chat")
+    explorer.flips.value = "right_to_wrong"
+    assert "slice channel=chat" in explorer.status.value
+    explorer.candidate.value = "q8"
+    explorer.metric.value = "chrf"
+    assert "of q8 on chrf" in explorer.status.value
+    assert explorer._slice_chart.spec["params"][0]["name"] == "slice_pick"
 
 
 @pytest.mark.notebooks

@@ -134,8 +134,9 @@ def write_study(
     budget: dict = BUDGET,
     drop: dict[str, str] | None = None,
 ) -> Path:
-    """Write the tiny study (eval set, template, predictions, budget); returns study.yaml.
+    """Write the study (eval set, template, predictions, budget); returns study.yaml.
 
+    Predictions cover exactly the ids of ``items`` (fewer copies make a smaller study);
     ``drop`` maps a candidate to an item id left out of its predictions file.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,12 +144,17 @@ def write_study(
     (folder / "prompt.jinja").write_text(
         "{% if labels %}Intents: {{ labels | join(', ') }}. {% endif %}{{ input }}"
     )
-    _predictions(folder / "base.jsonl", BASE, PROBS)
+    ids = {item["id"] for item in items}
+
+    def only(mapping: dict) -> dict:
+        return {k: v for k, v in mapping.items() if k in ids}
+
+    _predictions(folder / "base.jsonl", only(BASE), only(PROBS))
     for name, (changes, probs) in candidates.items():
-        outputs = {**BASE, **changes}
+        outputs = only({**BASE, **changes})
         if drop and name in drop:
             outputs.pop(drop[name])
-        _predictions(folder / f"{name}.jsonl", outputs, {**PROBS, **probs})
+        _predictions(folder / f"{name}.jsonl", outputs, only({**PROBS, **probs}))
     (folder / "budget.yaml").write_text(yaml.safe_dump(budget, sort_keys=False))
     study = {
         "name": "tiny",
@@ -207,7 +213,7 @@ def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
         assert len(tagged) == 1
     memo = pm.inspect_notebook(str(NOTEBOOKS_DIR / "07_acceptance_memo.ipynb"))
     assert memo["run"]["inferred_type_name"] == "str"
-    assert memo["run"]["default"] == '"../runs/demo"'
+    assert memo["run"]["default"] == '""'  # empty: runs/<study name> (kit.pipeline.stage_run_dir)
     nb = nbformat.read(NOTEBOOKS_DIR / "07_acceptance_memo.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
@@ -364,6 +370,9 @@ def test_a_failing_stage_names_the_kit_call_and_keeps_its_notebook(tmp_path, cap
     assert str(executed) in message
     source = json.loads((ROOT / "notebooks" / "03_slice_drilldown.ipynb").read_text())["cells"]
     assert "write_drilldown_tables(" in "".join(source[err.cell_index]["source"])
+    saved = json.loads(executed.read_text())["cells"]
+    failed = [c for c in saved if c["cell_type"] == "code" and c.get("outputs")]
+    assert any(o.get("output_type") == "error" for c in failed for o in c["outputs"])
     record = json.loads((out / "pipeline.json").read_text())["stages"]
     assert record["candidates"]["status"] == "finished"
     assert record["drilldown"]["status"] == "failed"

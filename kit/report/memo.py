@@ -39,13 +39,14 @@ import pandas as pd
 
 from kit.errors import CompkitError, DependencyMissing
 from kit.metrics import format_interval, format_value
+from kit.resources import templates_dir
 from kit.run import Run
 from kit.stats.intervals import METHODS
 from kit.verdicts import VerdictReport
 
 MEMO_FILE = "memo.html"
 TEMPLATE = "memo.html.j2"
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES_DIR = templates_dir()
 DECISION_WORDS = {
     "accepted": "may replace the baseline",
     "rejected": "may not replace the baseline",

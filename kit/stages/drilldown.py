@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from kit.analysis.compare import RESULT_COLUMNS, flip_table, item_flips, noise_floor
+from kit.analysis.items import parse_slice, reference_text
 from kit.analysis.labels import macro_f1_evidence
 from kit.analysis.slices import (
     DISCOVERY_COLUMNS,
@@ -49,7 +50,7 @@ from kit.analysis.slices import (
 )
 from kit.budget.grammar import LABEL_SLICES
 from kit.errors import CompkitError
-from kit.evalset import EvalItem, EvalSet
+from kit.evalset import EvalSet
 from kit.run import Run
 from kit.scoring import label_metrics, metric_columns
 from kit.stats.intervals import proportion_ci
@@ -83,43 +84,6 @@ def load_run_outcomes(run: str | Path | Run) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- examples
-
-
-def reference_text(item: EvalItem) -> str:
-    """An item's reference as plain text for a side-by-side table."""
-    import json
-
-    if item.task == "classification":
-        return str(item.label)
-    if item.task == "multiple_choice":
-        assert item.choices is not None and item.answer is not None
-        return f"{chr(ord('A') + item.answer)}) {item.choices[item.answer]}"
-    if item.task == "extraction":
-        return json.dumps(item.fields, ensure_ascii=False, sort_keys=True)
-    if item.task == "refusal":
-        return "should refuse" if item.should_refuse else "should answer"
-    if item.task == "tool_call":
-        call = {"tool": item.expected_tool, "arguments": item.expected_args}
-        return json.dumps(call, ensure_ascii=False, sort_keys=True)
-    return item.reference or ""
-
-
-def parse_slice(slice: str | Mapping[str, str] | None) -> dict[str, str]:
-    """``"channel=email & language=de"`` (as :func:`kit.analysis.slices.discover_slices` writes it)
-    or a mapping -> ``{column: value}``; ``None`` -> ``{}``."""
-    if slice is None:
-        return {}
-    if isinstance(slice, Mapping):
-        return {str(k): str(v) for k, v in slice.items()}
-    out = {}
-    for part in str(slice).split("&"):
-        column, sep, value = part.strip().partition("=")
-        if not sep or not column.strip():
-            raise CompkitError(
-                f"slice {slice!r}: write it as 'column=value' or 'a=x & b=y' (as discovered)"
-            )
-        out[column.strip()] = value.strip()
-    return out
 
 
 def side_by_side(
@@ -309,6 +273,11 @@ def read_drilldown_tables(run: str | Path | Run) -> DrilldownTables:
         When a table file is missing (run the drill-down first).
     """
     run = Run.open(run)
+    for f in fields(DrilldownTables):
+        if not run.has_table(f.name):
+            raise CompkitError(
+                f"{run.table_path(f.name)}: missing; run write_drilldown_tables (notebook 03) first"
+            )
     return DrilldownTables(**{f.name: run.table(f.name) for f in fields(DrilldownTables)})
 
 
@@ -531,3 +500,117 @@ def write_drilldown_tables(
         },
     )
     return tables
+
+
+# --------------------------------------------------------------------------- exploration
+
+
+@dataclass(frozen=True, eq=False)
+class ExplorerInputs:
+    """Everything the interactive drill-down reads, loaded once from a run folder.
+
+    ``slice_table`` and ``discovered_slices`` are the stage tables (a ``metric`` column
+    names each row's metric; discovered rows without one are accuracy flips); ``confidence``
+    is :func:`kit.analysis.calibration.confidence_frame` with the calibration stage's source
+    and ``reliability`` its uniform bins per model (:func:`kit.analysis.calibration.reliability_bins`).
+    """
+
+    baseline: str
+    candidates: list[str]
+    outcomes: pd.DataFrame
+    outputs: pd.DataFrame
+    eval_set: EvalSet
+    slices: pd.DataFrame
+    slice_table: pd.DataFrame
+    discovered_slices: pd.DataFrame
+    confidence: pd.DataFrame
+    confidence_source: str
+    reliability: pd.DataFrame
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metrics of the slice table in its order (each task's primary metric first)."""
+        return list(dict.fromkeys(self.slice_table["metric"]))
+
+    @property
+    def slice_columns(self) -> list[str]:
+        """Slice columns of the slice table, in its order."""
+        return [c for c in dict.fromkeys(self.slice_table["slice"]) if c != "overall"]
+
+    def items(self, *, candidate: str, metric: str) -> pd.DataFrame:
+        """:func:`kit.analysis.items.paired_items` of ``candidate`` on ``metric``."""
+        from kit.analysis.items import paired_items
+
+        return paired_items(
+            self.outcomes,
+            self.outputs,
+            self.eval_set,
+            baseline=self.baseline,
+            candidate=candidate,
+            metric=metric,
+            slices=self.slices,
+            confidence=self.confidence,
+        )
+
+    def discovered(self, *, candidate: str, metric: str) -> pd.DataFrame:
+        """Discovered slices of ``candidate`` for ``metric`` (empty when none were searched)."""
+        rows = self.discovered_slices
+        rows = rows[rows["model"] == candidate] if "model" in rows.columns else rows.iloc[:0]
+        if "metric" in rows.columns:
+            return rows[rows["metric"] == metric].reset_index(drop=True)
+        return rows.reset_index(drop=True) if metric == "accuracy" else rows.iloc[:0]
+
+
+def _confidence_source(run_dir: Path) -> str:
+    """The calibration stage's confidence source (``tables/calibration.json``), else auto."""
+    import json
+
+    path = run_dir / "tables" / "calibration.json"
+    if path.is_file():
+        params = json.loads(path.read_text(encoding="utf-8")).get("parameters", {})
+        return str(params.get("confidence_source", "auto"))
+    return "auto"
+
+
+def explorer_inputs(
+    run_dir: str | Path | Run,
+    *,
+    tables: DrilldownTables | None = None,
+    outcomes: pd.DataFrame | None = None,
+    n_bins: int = 10,
+) -> ExplorerInputs:
+    """Load what :func:`kit.report.widgets.slice_explorer` shows, from a run folder.
+
+    Parameters
+    ----------
+    tables
+        The drill-down tables (default: read from ``tables/``; run notebook 03 first).
+    outcomes
+        An already scored outcome table (default: :func:`load_run_outcomes`).
+    n_bins
+        Uniform reliability bins of the calibration view.
+    """
+    from kit.analysis.calibration import confidence_frame, reliability_bins
+
+    frozen = Run.open(run_dir)
+    baseline, candidates = frozen.baseline, frozen.candidates()
+    if not candidates:
+        raise CompkitError(f"{run_dir}: no candidate outputs to explore (run stage 2 first)")
+    outcomes = frozen.outcomes() if outcomes is None else outcomes
+    tables = read_drilldown_tables(frozen) if tables is None else tables
+    outputs = frozen.outputs()
+    source = _confidence_source(frozen.run_dir)
+    conf = confidence_frame(outputs, outcomes, source=source)
+    return ExplorerInputs(
+        baseline=baseline,
+        candidates=candidates,
+        outcomes=outcomes,
+        outputs=outputs,
+        eval_set=frozen.eval_set,
+        slices=frozen.slices(),
+        slice_table=tables.slice_table,
+        discovered_slices=tables.discovered_slices,
+        confidence=conf,
+        confidence_source=source,
+        reliability=reliability_bins(conf, n_bins=n_bins, strategies=("uniform",)),
+    )

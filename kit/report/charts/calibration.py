@@ -66,6 +66,7 @@ def reliability_chart(
     strategy: str = "uniform",
     slice: str | None = None,
     columns: int = 3,
+    select: str | None = None,
 ) -> alt.LayerChart | alt.ConcatChart:
     """Reliability diagram: accuracy vs mean confidence per bin, one line per model.
 
@@ -86,6 +87,10 @@ def reliability_chart(
         ``"language"``): one panel per value of that column.
     columns
         Panels per row when faceting.
+    select
+        Name of a point selection on the bins (fields ``model, bin, lower, upper``; a click
+        on a point or a count bar picks that model's bin, a double click clears it), or
+        ``None``. Only without ``slice``.
 
     Returns
     -------
@@ -143,8 +148,28 @@ def reliability_chart(
     )
     # independent y: counts on the right axis; diagonal and curve both fixed to [0, 1]
     title = f"Reliability ({strategy} bins)"
+    layers = [counts, diagonal, curve]
+    if select is not None and slice is None:
+        pick = alt.selection_point(
+            name=select, fields=["model", "bin", "lower", "upper"], on="click", clear="dblclick"
+        )
+        layers[2] = curve.mark_line()
+        layers.append(
+            alt.Chart()
+            .mark_point(filled=True)
+            .encode(
+                x=alt.X("mean_confidence:Q", scale=unit, title="confidence"),
+                y=alt.Y("accuracy:Q", scale=unit, title="accuracy"),
+                color=color,
+                tooltip=tooltip,
+                size=alt.condition(pick, alt.value(200), alt.value(70)),
+                stroke=alt.condition(pick, alt.value("black"), alt.value(None)),
+            )
+            .add_params(pick)
+        )
+        title += " · click a point for its items"
     if slice is None:
-        chart = alt.layer(counts, diagonal, curve, data=bins).resolve_scale(y="independent")
+        chart = alt.layer(*layers, data=bins).resolve_scale(y="independent")
         for predicate in predicates:
             chart = chart.transform_filter(predicate)
         return chart.properties(title=title, width=320, height=280)

@@ -385,3 +385,65 @@ def _message_chart(alt: Any, text: str) -> alt.Chart:
         .encode(text="message:N")
         .properties(title=text, width=400, height=30)
     )
+
+
+def slice_pick_chart(
+    table: pd.DataFrame,
+    *,
+    model: str,
+    metric: str,
+    slice: str,
+    select: str | None = "slice_pick",
+) -> alt.LayerChart:
+    """One candidate's change per value of ``slice`` with its CI, the slice's size on the axis,
+    and (with ``select``) a click selection on the slice value: the drill-down's chart.
+
+    Parameters
+    ----------
+    table
+        :func:`kit.analysis.slices.slice_table` output.
+    model, metric, slice
+        Which rows to draw: one candidate, one metric, one slice column.
+    select
+        Name of the point selection (fields ``slice_value``; a click picks a value, a
+        double click clears it), or ``None`` for a static chart. The picked value is
+        outlined and the others fade.
+
+    Returns
+    -------
+    alt.LayerChart
+        Data: the selected rows of ``table``; the y labels read ``value (n=N)``.
+    """
+    alt = _altair()
+    rows = _select(
+        table, _DELTA_COLUMNS, "slice_pick_chart", model=model, metric=metric, slice=slice
+    )
+    higher = _higher_is_better(metric)
+    y = alt.Y("label:N", title=f"{slice} (items)", sort=None)
+    tooltip = _delta_tooltip(alt, alt.Tooltip("slice_value:N", title=slice))
+    ci, point, zero = _ci_layers(alt, y=y, x_title=_axis_title(metric, higher), tooltip=tooltip)
+    if select is not None:
+        pick = alt.selection_point(
+            name=select, fields=["slice_value"], on="click", clear="dblclick", empty=True
+        )
+        fade = alt.condition(pick, alt.value(1.0), alt.value(0.3))
+        point = point.add_params(pick).encode(
+            opacity=fade,
+            size=alt.condition(pick, alt.value(160), alt.value(90)),
+            stroke=alt.condition(pick, alt.value("black"), alt.value(None)),
+        )
+        ci = ci.encode(opacity=fade)
+    height = max(60, 28 * rows["slice_value"].nunique())
+    return (
+        alt.layer(ci, point, zero, data=rows)
+        .transform_calculate(
+            status=_status_expr(higher),
+            label="datum.slice_value + ' (n=' + datum.n + ')'",
+        )
+        .properties(
+            title=f"{model}: {metric} change by {slice} (95% CI)"
+            + (" · click a slice for its items" if select else ""),
+            width=380,
+            height=height,
+        )
+    )
