@@ -131,7 +131,7 @@ def write_study(
     *,
     items: list[dict] = ITEMS,
     candidates: dict = CANDIDATES,
-    budget: dict = BUDGET,
+    budget: dict | None = BUDGET,
     drop: dict[str, str] | None = None,
 ) -> Path:
     """Write the study (eval set, template, predictions, budget); returns study.yaml.
@@ -155,7 +155,8 @@ def write_study(
         if drop and name in drop:
             outputs.pop(drop[name])
         _predictions(folder / f"{name}.jsonl", outputs, only({**PROBS, **probs}))
-    (folder / "budget.yaml").write_text(yaml.safe_dump(budget, sort_keys=False))
+    if budget is not None:
+        (folder / "budget.yaml").write_text(yaml.safe_dump(budget, sort_keys=False))
     study = {
         "name": "tiny",
         "eval_set": {"path": "eval.jsonl", "rare_label_threshold": 0.2},
@@ -166,7 +167,7 @@ def write_study(
         "candidates": [
             {"name": n, "runtime": "predictions", "model": f"{n}.jsonl"} for n in candidates
         ],
-        "budget": "budget.yaml",
+        **({"budget": "budget.yaml"} if budget is not None else {}),
     }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
@@ -478,3 +479,17 @@ def test_gate_json_prints_the_verdict_frame(tmp_path, capsys):
     from kit.budget.judge import VERDICT_COLUMNS
 
     assert list(frame.columns) == VERDICT_COLUMNS
+
+
+def test_a_study_without_a_budget_runs_every_stage_as_an_evidence_report(tmp_path, capsys):
+    from kit.report.memo import write_memo
+    from kit.verdicts import VerdictReport
+
+    run = build_judged_run(tmp_path, items=_expand(TEMPLATES, copies=1), budget=None)
+    report = VerdictReport.load(run)
+    assert not report.judged and report.decisions == [] and report.verdicts == []
+    memo = write_memo(run).read_text(encoding="utf-8")
+    assert "Evidence report: no verdicts" in memo and "<svg" in memo
+    capsys.readouterr()
+    assert main(["gate", str(run)]) == 2
+    assert "frozen without a budget" in capsys.readouterr().err
