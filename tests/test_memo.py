@@ -61,6 +61,7 @@ def hostile_study() -> dict:
         "bound": {"change": "points", "op": ">=", "limit": -0.05},
     }
     return {
+        "description": f"Support study {SCRIPT} {IMG}",
         "items": items,
         "candidates": candidates,
         "budget": {"rules": [*BUDGET["rules"], rule]},
@@ -157,6 +158,8 @@ def test_memo_escapes_every_payload(memo):
     assert "script" not in names and "img" not in names
     handlers = [(n, a) for n, attrs in found for a in attrs if a.startswith("on")]
     assert handlers == []
+    description = memo[memo.index('class="sub study-description"') :].split("</p>", 1)[0]
+    assert "Support study &lt;script&gt;" in description  # the study's own description, as text
 
 
 def test_memo_puts_decisions_first_and_quotes_rules(memo):

@@ -133,6 +133,7 @@ def write_study(
     candidates: dict = CANDIDATES,
     budget: dict | None = BUDGET,
     drop: dict[str, str] | None = None,
+    description: str = "",
 ) -> Path:
     """Write the study (eval set, template, predictions, budget); returns study.yaml.
 
@@ -159,6 +160,7 @@ def write_study(
         (folder / "budget.yaml").write_text(yaml.safe_dump(budget, sort_keys=False))
     study = {
         "name": "tiny",
+        "description": description,
         "eval_set": {"path": "eval.jsonl", "rare_label_threshold": 0.2},
         "prompt": {"template": "prompt.jinja", "chat": False, "choice_labels": "text"},
         "sampling": {"temperature": 0.0, "max_new_tokens": 8, "seed": 3},

@@ -404,6 +404,7 @@ def memo_context(
     return {
         "title": f"Decision memo · {report.study}",
         "study": report.study,
+        "description": run.study.description,
         "run": str(run_dir.resolve()),
         "baseline": report.baseline,
         "confidence": f"{report.confidence * 100:g}%",
