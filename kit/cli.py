@@ -164,6 +164,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_bench(args: argparse.Namespace) -> int:
+    from kit.pipeline import run_pipeline
+
+    run = Path(args.out)
+    _ensure_same_study(run, Path(args.study))  # also: the run must be frozen
+    params = {"require_served": True, "models": list(args.model or []), "force": args.force}
+    result = run_pipeline(
+        args.study,
+        run,
+        stages=["serving"],
+        progress=not args.quiet,
+        parameters={"serving": params},
+    )
+    _print_serving_result(result.run_dir)
+    print(f"notebook: {result.run_dir / 'notebooks' / '05_serving.ipynb'}")
+    return 0
+
+
+def _print_serving_result(run: Path) -> None:
+    import pandas as pd
+
+    from kit.serving.tables import summary
+    from kit.stages.serving import ServingReport
+
+    report = ServingReport.load(run)
+    for rec in report.models:
+        why = f": {rec.reason.splitlines()[0]}" if rec.reason else ""
+        print(f"  {rec.model} ({rec.deploy}): {rec.status}, {len(rec.profiles)} profiles{why}")
+    if report.client:
+        print(f"  client ceiling: {report.client['ceiling_rps']:.0f} requests/s")
+    tables = {
+        n: pd.read_parquet(run / "tables" / f"serving_{n}.parquet")
+        for n in ("latency", "throughput")
+    }
+    table = summary(tables)
+    if not table.empty:
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(table.round(2).to_string(index=False))
+    if report.partial:
+        print("serving: PARTIAL results: a model failed or stopped early (see above)")
+    print(f"evidence: {run / 'tables' / 'serving_evidence.parquet'}")
+
+
 def _print_pipeline_result(result) -> None:
     from kit.verdicts import VERDICT_FILE, VerdictReport
 
@@ -284,12 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="run only this stage, always (repeatable): freeze, candidates, drilldown, "
-        "calibration, memo",
+        "calibration, serving, memo",
     )
     p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--verbose", action="store_true", help="show the notebook kernels' log lines")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "serve-bench",
+        help="stage 5 alone: deploy, load and measure the study's served models",
+    )
+    p.add_argument("study", help="study YAML (models with a serving: block are measured)")
+    p.add_argument("--out", required=True, help="the frozen run folder, e.g. runs/my-study")
+    p.add_argument(
+        "--model", action="append", metavar="NAME", help="measure only this model (repeatable)"
+    )
+    p.add_argument("--force", action="store_true", help="measure again though results are stored")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_serve_bench)
 
     p = sub.add_parser(
         "gate", help="CI gate on a judged run: exit 0 accepted, 1 rejected, 3 inconclusive"

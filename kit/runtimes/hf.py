@@ -267,6 +267,7 @@ class TransformersRuntime(Runtime):
             token_logprobs=logprobs[:n],
             finish_reason="length" if step is None else "stop",
             batch_size=batch_size,
+            extra={"step_times_s": [t - start for t in watch.times[:n]]},  # per token
         )
 
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:

@@ -48,8 +48,6 @@ import ctypes
 import hashlib
 import importlib
 import os
-import platform
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -61,8 +59,9 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from kit.environment import amx_tile_unusable
 from kit.errors import CompkitError
-from kit.models import BUILTIN_PREFIX, builtin_gguf_path, resolve_model_dir
+from kit.models import BUILTIN_PREFIX, GGUF_MAGIC, locate_gguf  # noqa: F401  (re-exported)
 from kit.runtimes import RUNTIMES
 from kit.runtimes.base import (
     ChoiceRequest,
@@ -76,8 +75,6 @@ from kit.runtimes.base import (
 )
 from kit.store import file_sha256 as store_sha256
 from kit.study import ModelSpec, SamplingConfig
-
-GGUF_MAGIC = b"GGUF"
 
 #: ``spec.options`` keys this runtime reads, with the type each must have.
 #: The ``spec.options`` this runtime reads (declared once, in the registry).
@@ -455,62 +452,6 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
 # ---------------------------------------------------------------------- locating and loading
 
 
-def locate_gguf(spec: ModelSpec, base_dir: Path) -> Path:
-    """The GGUF file a llamacpp model spec names.
-
-    Raises
-    ------
-    CompkitError
-        When the path does not exist, a folder holds no (or several) GGUF files and
-        ``gguf_file`` does not pick one, or the file is not a GGUF; the message names the path.
-    """
-    if spec.model.startswith(BUILTIN_PREFIX):
-        path = builtin_gguf_path(spec.model.removeprefix(BUILTIN_PREFIX))
-    else:
-        path = resolve_model_dir(spec.model, base_dir=base_dir)
-        if path.is_dir():
-            path = _gguf_in_folder(path, spec)
-        elif spec.gguf_file not in (None, path.name):
-            raise CompkitError(
-                f"model {spec.name!r}: model names the file {path} but gguf_file "
-                f"says {spec.gguf_file!r}; give one of them"
-            )
-    _check_gguf(path, spec)
-    return path
-
-
-def _gguf_in_folder(folder: Path, spec: ModelSpec) -> Path:
-    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
-    if spec.gguf_file is not None:
-        if not (folder / spec.gguf_file).is_file():
-            raise CompkitError(
-                f"model {spec.name!r}: no GGUF file {spec.gguf_file!r} in {folder}; "
-                f"GGUF files there: {ggufs or 'none'}"
-            )
-        return folder / spec.gguf_file
-    if len(ggufs) != 1:
-        what = "no GGUF file" if not ggufs else f"several GGUF files {ggufs}"
-        raise CompkitError(
-            f"model {spec.name!r}: {folder} holds {what}; the llamacpp runtime "
-            "needs a .gguf file: give its path as model, or name it in gguf_file"
-        )
-    return folder / ggufs[0]
-
-
-def _check_gguf(path: Path, spec: ModelSpec) -> None:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise CompkitError(f"model {spec.name!r}: cannot read {path}: {exc.strerror}") from exc
-    if head != GGUF_MAGIC:
-        raise CompkitError(
-            f"model {spec.name!r}: {path} is not a GGUF file (it does not start "
-            "with the bytes 'GGUF'); the llamacpp runtime runs .gguf files only "
-            "(use runtime: transformers for a Hugging Face folder)"
-        )
-
-
 def _settings(spec: ModelSpec) -> dict[str, Any]:
     """Validated llama.cpp settings from ``spec.options`` and ``spec.device``."""
     options = spec.options
@@ -630,25 +571,12 @@ def amx_unusable() -> bool:
     kernel does not enable AMX tile data (some VMs): then llama_decode would fault.
 
     The Makefile builds llama.cpp without AMX, so this is False there and llama.cpp's
-    extra buffer types (repacked weight layouts) stay on. Asks Linux which extended states
-    it supports (``arch_prctl(ARCH_GET_XCOMP_SUPP)``); XTILEDATA is bit 18.
+    extra buffer types (repacked weight layouts) stay on. The CPU side is
+    :func:`kit.environment.amx_tile_unusable`.
     """
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
     if b"AMX" not in llama_cpp.llama_print_system_info():
         return False
-    try:
-        if " amx_tile" not in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"):
-            return False
-        libc = ctypes.CDLL(None, use_errno=True)
-        supported = ctypes.c_uint64()
-        if (
-            libc.syscall(158, 0x1022, ctypes.byref(supported)) != 0
-        ):  # SYS_arch_prctl, GET_XCOMP_SUPP
-            return True
-    except (OSError, AttributeError):
-        return False
-    return not supported.value & (1 << 18)
+    return amx_tile_unusable()
 
 
 def _chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:

@@ -10,7 +10,12 @@ go to ``/v1/chat/completions``, text prompts to ``/v1/completions``.
 
 ``concurrency`` (int, default ``spec.batch_size``)
     Requests in flight at once (an ``asyncio.Semaphore``; one ``httpx.AsyncClient`` per
-    :meth:`~OpenAIRuntime.generate` call, keep-alive pool sized to it).
+    :meth:`~OpenAIRuntime.generate` call, keep-alive pool sized to it). A server that cuts
+    a running stream short because another request waits (llama-cpp-python's server with
+    its default ``--interrupt_requests true``: ``[DONE]`` without a ``finish_reason``) would
+    lose answers at any concurrency above 1, so on the first such stream the runtime lowers
+    concurrency to 1 for the rest of its life, asks every cut answer again, warns naming the
+    fix, and records ``concurrency_backoff`` in ``identity().extra["options"]``.
 ``timeout_s`` (float, default 60)
     Deadline of one attempt, from sending the request to the end of the answer.
 ``connect_timeout_s`` (float, default ``min(10, timeout_s)``)
@@ -188,17 +193,43 @@ class RequestFailed(Exception):
         *,
         status: int | None = None,
         retry_after: float | None = None,
+        interrupted: bool = False,
     ):
         super().__init__(message)
         self.error_class = error_class
         self.status = status
         self.retry_after = retry_after
+        self.interrupted = interrupted  # [DONE] without a finish_reason: the server cut it
 
     @property
     def retryable(self) -> bool:
         if self.error_class == "http_4xx":
             return self.status == 429
         return self.error_class in ("timeout", "connection", "http_5xx", "truncated_stream")
+
+
+def classify_failure(
+    exc: BaseException, *, got_response: bool, url: str, timeout_s: float
+) -> RequestFailed:
+    """The :class:`RequestFailed` (with its ``ERROR_CLASSES`` class) for an exception raised
+    while sending a request to ``url`` or reading its answer.
+
+    Timeouts (asyncio's deadline or httpx's) are ``timeout``; a transport error is
+    ``connection`` before any answer and ``truncated_stream`` after the response began;
+    other httpx errors are ``invalid_response``; anything else ``runtime_error``.
+    """
+    if isinstance(exc, RequestFailed):
+        return exc
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        what = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "waiting for the answer"
+        return RequestFailed("timeout", f"timed out {what} from {url} (timeout_s={timeout_s:g})")
+    if isinstance(exc, httpx.TransportError):
+        cls = "truncated_stream" if got_response else "connection"
+        where = "while reading the answer" if got_response else "before any answer"
+        return RequestFailed(cls, f"{type(exc).__name__} {where} from {url}: {exc}")
+    if isinstance(exc, httpx.HTTPError):
+        return RequestFailed("invalid_response", f"{type(exc).__name__} from {url}: {exc}")
+    return RequestFailed("runtime_error", f"{type(exc).__name__} handling {url}: {exc}")
 
 
 @dataclass
@@ -258,7 +289,7 @@ class _Answer:
                 "invalid_response", f"expected a JSON object, got {str(event)[:200]!r}"
             )
         if event.get("error") is not None and not event.get("choices"):
-            raise _error_event(event["error"])
+            raise error_event(event["error"])
         self.chunks += 1
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
@@ -270,7 +301,7 @@ class _Answer:
         if not choices:
             return
         choice = choices[0]
-        text = _choice_text(choice)
+        text = choice_text(choice)
         if text:
             self.pieces.append(text)
             self.token_times.append(now)
@@ -307,7 +338,7 @@ class _Answer:
         )
 
 
-def _choice_text(choice: Any) -> str | None:
+def choice_text(choice: Any) -> str | None:
     if not isinstance(choice, dict):
         raise RequestFailed("invalid_response", f"a choice is not an object: {str(choice)[:200]!r}")
     for holder in (choice.get("delta"), choice.get("message")):
@@ -333,7 +364,7 @@ def token_logprob_values(logprobs: Any) -> list[float] | None:
     return [float(v) for v in values if isinstance(v, int | float)]
 
 
-def _error_event(error: Any) -> RequestFailed:
+def error_event(error: Any) -> RequestFailed:
     message = error.get("message", error) if isinstance(error, dict) else error
     code = error.get("code") if isinstance(error, dict) else None
     status = code if isinstance(code, int) else None
@@ -404,6 +435,8 @@ class OpenAIRuntime(Runtime):
         )
         self._rng = random.Random()
         self._logprobs = self.options.logprobs
+        #: set when the server interrupted streams and concurrency was lowered to 1
+        self.backoff: dict[str, Any] | None = None
         self._identity: ModelIdentity | None = None
         try:
             self._server = self._describe_server()  # fail fast on a dead endpoint
@@ -479,6 +512,11 @@ class OpenAIRuntime(Runtime):
             )
         return f"endpoint {spec.endpoint}: serves {served or 'an unnamed model'}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers every request carries (``Accept``, and ``Authorization`` with a key)."""
+        return dict(self._headers)
+
     def identity(self) -> ModelIdentity:
         if self._identity is None:
             self._identity = self._make_identity()
@@ -511,6 +549,7 @@ class OpenAIRuntime(Runtime):
         o = self.options
         return {
             "concurrency": o.concurrency,
+            "concurrency_backoff": self.backoff,
             "stream": o.stream,
             "logprobs": o.logprobs,
             "sampling_extras": self._extra_body,
@@ -536,16 +575,53 @@ class OpenAIRuntime(Runtime):
         progress: Progress | None,
     ) -> list[Generation]:
         async with self._async_client() as client:
-            gate = asyncio.Semaphore(self.options.concurrency)
+            gate = asyncio.Semaphore(self.concurrency)
+            serial = asyncio.Lock()
 
             async def one(req: GenerationRequest) -> Generation:
                 async with gate:
-                    gen = await self._generate_one(client, req, sampling)
+                    if self.concurrency > 1:
+                        gen = await self._generate_one(client, req, sampling, interruptible=True)
+                    else:  # backed off: one request at a time
+                        async with serial:
+                            gen = await self._generate_one(client, req, sampling)
+                if gen.extra.get("interrupted"):  # lost to the server's policy: back off
+                    self._back_off(gen.error or "")
+                    async with serial:
+                        gen = await self._generate_one(client, req, sampling)
                 if progress is not None:
                     progress(1)
                 return gen
 
             return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight at once: ``options.concurrency``, or 1 after a back-off."""
+        return 1 if self.backoff is not None else self.options.concurrency
+
+    def _back_off(self, error: str) -> None:
+        """The server cut a stream short because another request waited: go on at
+        concurrency 1, and say so (warning, ``identity().extra["concurrency_backoff"]``)."""
+        if self.backoff is not None:
+            self.backoff["interrupted"] += 1
+            return
+        self.backoff = {
+            "from": self.options.concurrency,
+            "to": 1,
+            "interrupted": 1,
+            "reason": error,
+        }
+        self._identity = None  # the identity records the back-off
+        warnings.warn(
+            f"model {self.spec.name!r}: the server at {self.base_url} cut a streamed answer "
+            "short because another request was waiting (llama-cpp-python's server does this "
+            "unless started with --interrupt_requests false); concurrency lowered from "
+            f"{self.options.concurrency} to 1 for the rest of this run and the cut answers are "
+            "asked again. Start the server with --interrupt_requests false to keep "
+            f"concurrency {self.options.concurrency}.",
+            stacklevel=2,
+        )
 
     def _async_client(self) -> httpx.AsyncClient:
         _fail_fast_sniffio_import()
@@ -556,8 +632,16 @@ class OpenAIRuntime(Runtime):
         )
 
     async def _generate_one(
-        self, client: httpx.AsyncClient, req: GenerationRequest, sampling: SamplingConfig
+        self,
+        client: httpx.AsyncClient,
+        req: GenerationRequest,
+        sampling: SamplingConfig,
+        *,
+        interruptible: bool = False,
     ) -> Generation:
+        """One request with retries; ``interruptible``: a stream the server interrupted is
+        returned at once (``extra["interrupted"]``) instead of retried, so the caller can
+        back off first."""
         url = self.request_url(req.prompt)
 
         async def attempt(state: _Attempt) -> _Answer:
@@ -571,14 +655,12 @@ class OpenAIRuntime(Runtime):
             return await self._exchange(client, url, self.request_payload(req, sampling), state)
 
         try:
-            answer, attempts = await self._with_retries(attempt, url)
+            answer, attempts = await self._with_retries(attempt, url, interruptible=interruptible)
         except _Exhausted as done:
-            return _failed_generation(
-                req.item_id, done.failure, done.attempts, self.options.concurrency
-            )
-        return answer.generation(
-            req.item_id, batch_size=self.options.concurrency, attempts=attempts
-        )
+            gen = _failed_generation(req.item_id, done.failure, done.attempts, self.concurrency)
+            gen.extra["interrupted"] = interruptible and done.failure.interrupted
+            return gen
+        return answer.generation(req.item_id, batch_size=self.concurrency, attempts=attempts)
 
     def request_url(self, prompt: Prompt) -> str:
         """``/v1/chat/completions`` for chat prompts, ``/v1/completions`` for text."""
@@ -618,9 +700,9 @@ class OpenAIRuntime(Runtime):
         async with client.stream("POST", url, json=payload) as resp:
             state.got_response = True
             if resp.status_code >= 400:
-                raise await _http_failure(resp, url)
+                raise await http_failure(resp, url)
             if "text/event-stream" not in resp.headers.get("content-type", ""):
-                answer.add(_json_body(await resp.aread(), url), time.perf_counter())
+                answer.add(json_body(await resp.aread(), url), time.perf_counter())
                 answer.token_times.clear()  # one arrival: no time to first token to tell
                 return _finished(answer)
             parser, done, lines = SSEParser(), False, resp.aiter_lines()
@@ -631,7 +713,7 @@ class OpenAIRuntime(Runtime):
                 if data.strip() == "[DONE]":
                     done = True
                     break
-                answer.add(_json_body(data, url), time.perf_counter())
+                answer.add(json_body(data, url), time.perf_counter())
             if done:  # read the end of the body so the connection goes back to the pool
                 await _drain(lines)
             tail = parser.flush()
@@ -639,15 +721,23 @@ class OpenAIRuntime(Runtime):
                 if tail.strip() == "[DONE]":
                     done = True
                 else:
-                    answer.add(_json_body(tail, url), time.perf_counter())
+                    answer.add(json_body(tail, url), time.perf_counter())
         if answer.finish_reason is None:
-            raise RequestFailed("truncated_stream", _truncation_message(url, answer, done=done))
+            raise RequestFailed(
+                "truncated_stream",
+                truncation_message(url, answer.chunks, done=done),
+                interrupted=done,
+            )
         return _finished(answer)
 
     # ------------------------------------------------------------------ retries
 
     async def _with_retries(
-        self, attempt: Callable[[_Attempt], Awaitable[T]], url: str
+        self,
+        attempt: Callable[[_Attempt], Awaitable[T]],
+        url: str,
+        *,
+        interruptible: bool = False,
     ) -> tuple[T, int]:
         """Run ``attempt`` until it succeeds or fails for good; returns (result, attempts)."""
         tries = self.options.max_retries + 1
@@ -655,7 +745,7 @@ class OpenAIRuntime(Runtime):
             try:
                 return await self._guarded(attempt, url), n
             except RequestFailed as exc:
-                if not exc.retryable or n == tries:
+                if not exc.retryable or n == tries or (interruptible and exc.interrupted):
                     raise _Exhausted(exc, n) from None
                 await asyncio.sleep(self._retry_delay(n, exc.retry_after))
         raise AssertionError("unreachable")
@@ -667,26 +757,9 @@ class OpenAIRuntime(Runtime):
         try:
             async with asyncio.timeout(limit):
                 return await attempt(state)
-        except RequestFailed:
-            raise
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            what = (
-                "connecting" if isinstance(exc, httpx.ConnectTimeout) else "waiting for the answer"
-            )
-            raise RequestFailed(
-                "timeout", f"timed out {what} from {url} (timeout_s={limit:g})"
-            ) from None
-        except httpx.TransportError as exc:
-            cls = "truncated_stream" if state.got_response else "connection"
-            where = "while reading the answer" if state.got_response else "before any answer"
-            raise RequestFailed(cls, f"{type(exc).__name__} {where} from {url}: {exc}") from None
-        except httpx.HTTPError as exc:
-            raise RequestFailed(
-                "invalid_response", f"{type(exc).__name__} from {url}: {exc}"
-            ) from None
         except Exception as exc:  # never let one request stop the run
-            raise RequestFailed(
-                "runtime_error", f"{type(exc).__name__} handling {url}: {exc}"
+            raise classify_failure(
+                exc, got_response=state.got_response, url=url, timeout_s=limit
             ) from None
 
     def _retry_delay(self, attempt: int, retry_after: float | None) -> float:
@@ -803,8 +876,8 @@ class OpenAIRuntime(Runtime):
             resp = await client.post(url, json=_echo_payload(self.spec.model, full))
             state.got_response = True
             if resp.status_code >= 400:
-                raise await _http_failure(resp, url)
-            body = _json_body(resp.content, url)
+                raise await http_failure(resp, url)
+            body = json_body(resp.content, url)
             choices = body.get("choices") if isinstance(body, dict) else None
             if not isinstance(choices, list) or not choices:
                 raise RequestFailed("invalid_response", f"{url} answered without choices")
@@ -918,7 +991,7 @@ def run_coroutine(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
-async def _http_failure(resp: httpx.Response, url: str) -> RequestFailed:
+async def http_failure(resp: httpx.Response, url: str) -> RequestFailed:
     body = (await resp.aread()).decode("utf-8", errors="replace").strip()
     status = resp.status_code
     cls = "http_5xx" if status >= 500 else "http_4xx"
@@ -945,7 +1018,7 @@ def retry_after_s(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _json_body(data: bytes | str, url: str) -> Any:
+def json_body(data: bytes | str, url: str) -> Any:
     try:
         return json.loads(data)
     except ValueError:
@@ -980,14 +1053,15 @@ async def _drain(lines: AsyncIterator[str], limit_s: float = 1.0) -> None:
                 pass
 
 
-def _truncation_message(url: str, answer: _Answer, *, done: bool) -> str:
+def truncation_message(url: str, chunks: int, *, done: bool) -> str:
+    """Why a stream without a ``finish_reason`` counts as cut short (``done``: it sent
+    ``[DONE]``, the signature of llama-cpp-python's interrupted streams)."""
     if not done:
         return (
-            f"the stream from {url} ended after {answer.chunks} chunks without [DONE] "
-            "or a finish_reason"
+            f"the stream from {url} ended after {chunks} chunks without [DONE] or a finish_reason"
         )
     return (
-        f"the stream from {url} sent [DONE] after {answer.chunks} chunks but no "
+        f"the stream from {url} sent [DONE] after {chunks} chunks but no "
         "finish_reason: the server cut the answer short (llama-cpp-python's server does "
         "this to a stream when another request waits, unless started with "
         "--interrupt_requests False)"

@@ -8,5 +8,6 @@ CI bounds) happen in the chart spec. The metric's direction comes from
 :data:`kit.scoring.METRICS`.
 
 altair is imported by the chart modules only, so ``import kit`` and headless runs that draw
-nothing never load it. Modules: :mod:`kit.report.charts.comparison`.
+nothing never load it. Modules: :mod:`kit.report.charts.comparison`,
+:mod:`kit.report.charts.calibration`, :mod:`kit.report.charts.serving`.
 """
