@@ -142,7 +142,10 @@ def _serving(inputs: StageInputs) -> dict[str, Any]:
     settings = {
         "serving": study.serving.model_dump(mode="json"),
         "models": {
-            m.name: [m.serving and m.serving.model_dump(mode="json"), m.cost and m.cost.model_dump()]
+            m.name: [
+                m.serving and m.serving.model_dump(mode="json"),
+                m.cost and m.cost.model_dump(),
+            ]
             for m in study.models
         },
     }

@@ -349,7 +349,7 @@ def test_a_candidate_rerun_makes_the_comparison_stages_stale(piped, capsys):
     assert main(["gate", str(out)]) == 2  # the verdict no longer describes the outputs
     assert "changed" in capsys.readouterr().err
     result = run_pipeline(study, out, progress=False)
-    assert result.ran == ["drilldown", "calibration", "memo"]
+    assert result.ran == ["drilldown", "calibration", "serving", "memo"]  # serving reads outputs
     assert main(["gate", str(out), "--candidate", "same"]) == 0
 
 

@@ -392,3 +392,30 @@ def test_readiness_timeout_marks_the_model_failed_and_the_stage_finishes(frozen_
     )
     assert result.tables["evidence"].empty or "late" not in set(result.tables["evidence"]["model"])
     os.remove(run / "serving.json")
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_the_judge_reads_the_serving_evidence(served):
+    """The verdict side: kit.verdicts gathers the serving rows (recorded artifact, the study's
+    confidence) and the judge decides rules on them."""
+    from kit.budget.grammar import parse_rule
+    from kit.budget.judge import evaluate_rules
+    from kit.verdicts import gather_evidence
+
+    _, run, _ = served
+    evidence = gather_evidence(run)
+    serving = evidence[evidence["metric"].isin(["throughput_rps", "ttft_p95_ms", "peak_memory_mb"])]
+    assert set(serving["model"]) >= {"base", "fast"} and (serving["confidence"] == 0.95).all()
+    rules = [
+        parse_rule("throughput must not drop"),
+        parse_rule("p95 first-token latency must stay below 100000 ms"),
+        parse_rule("error rate under load below 1 percent"),
+    ]
+    verdicts = evaluate_rules(rules, evidence=evidence, candidates=["fast", "dying"]).set_index(
+        ["candidate", "metric"]
+    )
+    assert verdicts.loc[("fast", "throughput_rps"), "verdict"] == "pass"  # the fake is far faster
+    assert verdicts.loc[("dying", "error_rate_under_load"), "verdict"] == "fail"
+    # 4 requests cannot bound a p95 from above: never a pass on too few requests
+    assert verdicts.loc[("fast", "ttft_p95_ms"), "verdict"] != "pass"

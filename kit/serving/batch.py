@@ -20,8 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from kit.execute import repeat_seed
-from kit.runtimes.base import Generation, GenerationRequest, Runtime
+from kit.runtimes.base import Generation, GenerationRequest, Runtime, repeat_seed
 from kit.serving.client import RequestRecord
 from kit.serving.endpoint import PromptSet
 from kit.serving.load import ProfileRun, ProfileSpec, profile_bar, profile_line

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kit.errors import CompkitError
-from kit.execute import repeat_seed
-from kit.runtimes.base import GenerationRequest, Prompt
+from kit.runtimes.base import GenerationRequest, Prompt, repeat_seed
 from kit.runtimes.openai import OpenAIRuntime, run_coroutine
 from kit.serving.client import LoadClient, RequestSpec
 from kit.serving.load import (

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from kit.serving.latency import _gaps
-from kit.stats.intervals import paired_difference_ci, paired_relative_ci, proportion_ci
+from kit.stats.intervals import paired_difference_ci, paired_ratio_ci, proportion_ci
 from kit.stats.serving_intervals import (
     cluster_quantile_ci,
     poisson_rate_ci,
@@ -40,6 +40,8 @@ from kit.stats.serving_intervals import (
     union_ratio,
 )
 
+#: Columns of the evidence table: :data:`kit.analysis.compare.RESULT_COLUMNS` (every stage's
+#: evidence shape), plus ``method`` (the value's interval method, = ``value_method``).
 EVIDENCE_COLUMNS = [
     "model",
     "slice",
@@ -57,7 +59,24 @@ EVIDENCE_COLUMNS = [
     "rel",
     "rel_ci_low",
     "rel_ci_high",
+    "p_value",
+    "value_method",
+    "delta_method",
+    "rel_method",
+    "n_base_only",
+    "n_cand_only",
+    "confidence",
+    "note",
 ]
+#: How each kind of row bounds its change and relative change against the baseline.
+CHANGE_METHODS = {
+    "quantile": ("order_statistic_union", "order_statistic_union"),
+    "itl": ("cluster_bootstrap_union", "cluster_bootstrap_union"),
+    "rate": ("garwood_union", "poisson_ratio_conditional"),
+    "paired": ("tango_cc", "tang_cc"),
+    "single": ("exact", "exact"),
+    "union": ("union_bound", "union_bound"),
+}
 RATE_METRICS = ("throughput_rps", "goodput_rps")
 POOLED_SHARES = ("error_rate_under_load", "timeout_rate", "interrupted_rate")
 PAIRED = {"accuracy_under_load": "correct", "parse_failure_under_load": "parse_failure"}
@@ -113,6 +132,7 @@ class _Row:
             "value_ci_high": self.high,
             "n": self.n,
             "method": self.method,
+            "value_method": self.method,
         }
 
 
@@ -127,7 +147,7 @@ def serving_evidence(m: Measured) -> pd.DataFrame:
         base = index.get((m.baseline, r.slice, r.slice_value, r.metric))
         if base is not None and r.model != m.baseline:
             rec.update(_compare(m, r, base))
-        records.append(rec)
+        records.append({**rec, "confidence": m.confidence})
     frame = pd.DataFrame(records).reindex(columns=EVIDENCE_COLUMNS)
     frame["slice_value"] = frame["slice_value"].astype(str)
     return frame
@@ -351,13 +371,12 @@ def _cost_rows(m: Measured) -> list[_Row]:
 # --------------------------------------------------------------------------- comparisons
 
 
-def _compare(m: Measured, r: _Row, b: _Row) -> dict[str, float]:
-    out = {"baseline_value": b.value, "delta": r.value - b.value}
-    out["rel"] = (
-        (r.value - b.value) / b.value
-        if b.value not in (0, 0.0) and math.isfinite(b.value)
-        else math.nan
-    )
+def _compare(m: Measured, r: _Row, b: _Row) -> dict[str, Any]:
+    out: dict[str, Any] = {"baseline_value": b.value, "delta": r.value - b.value}
+    finite_base = b.value not in (0, 0.0) and math.isfinite(b.value)
+    out["rel"] = (r.value - b.value) / b.value if finite_base else math.nan
+    kind = "itl" if r.kind == "quantile" and r.handle["column"] == "itl" else r.kind
+    out["delta_method"], out["rel_method"] = CHANGE_METHODS[kind]
     if r.kind == "quantile":
         out.update(_quantile_change(m, r, b))
     elif r.kind == "rate":
@@ -416,7 +435,7 @@ def _rate_change(m: Measured, r: _Row, b: _Row) -> dict[str, float]:
     return {"ci_low": d_lo, "ci_high": d_hi, "rel_ci_low": lo - 1, "rel_ci_high": hi - 1}
 
 
-def _paired_change(m: Measured, r: _Row, b: _Row) -> dict[str, float]:
+def _paired_change(m: Measured, r: _Row, b: _Row) -> dict[str, Any]:
     column = PAIRED[r.metric]
     o = m.outcomes
     a = o[(o["model"] == r.model) & (o["profile"] == r.handle["profile"])][["item_id", column]]
@@ -424,16 +443,25 @@ def _paired_change(m: Measured, r: _Row, b: _Row) -> dict[str, float]:
     both = a.merge(c, on="item_id", suffixes=("", "_base")).dropna()
     n = len(both)
     if n == 0:
-        return {"ci_low": -1.0, "ci_high": 1.0, "rel_ci_low": -math.inf, "rel_ci_high": math.inf}
+        return {
+            "ci_low": -1.0,
+            "ci_high": 1.0,
+            "rel_ci_low": -math.inf,
+            "rel_ci_high": math.inf,
+            "note": "no item answered by both models in these profiles",
+        }
     x, y = both[column].to_numpy() > 0.5, both[f"{column}_base"].to_numpy() > 0.5
-    lost, won = int((y & ~x).sum()), int((~y & x).sum())
+    lost, won, both_1 = int((y & ~x).sum()), int((~y & x).sum()), int((x & y).sum())
     lo, hi = paired_difference_ci(lost, won, n, confidence=m.confidence)
-    r_lo, r_hi = paired_relative_ci(lost, won, int(y.sum()), n, confidence=m.confidence)
-    # the row's own delta is over the items both answered
-    return {
+    r_lo, r_hi = paired_ratio_ci(both_1, lost, won, n, confidence=m.confidence)
+    base = (both_1 + lost) / n
+    return {  # over the items both answered (the change's own n)
         "delta": (won - lost) / n,
+        "rel": (won - lost) / n / base if base > 0 else math.nan,
         "ci_low": float(lo),
         "ci_high": float(hi),
         "rel_ci_low": float(r_lo),
         "rel_ci_high": float(r_hi),
+        "n_base_only": lost,
+        "n_cand_only": won,
     }

@@ -269,14 +269,35 @@ async def _open_loop(client, cap, requests, times, t0, deadline, state, note) ->
     await asyncio.gather(*tasks)
 
 
-def profile_bar(*, model: str, spec: ProfileSpec, total: int, progress: bool) -> Any:
-    """A tqdm bar for one profile (``model profile``) on a terminal; None without progress or
-    where stderr is not a terminal (a notebook kernel: :func:`profile_line` reports there)."""
-    if not progress or not sys.stderr.isatty():
-        return None
-    return tqdm(
-        total=total, desc=f"{model} {spec.name}", unit="req", dynamic_ncols=True, leave=False
-    )
+class ProfileProgress:
+    """One profile's progress: events for ``compkit run``'s relay (:mod:`kit.progress`,
+    always; a no-op outside a relayed run) and a tqdm bar on a terminal."""
+
+    def __init__(self, task: str, total: int, *, bar: bool):
+        from kit.progress import task_progress
+
+        self.events = task_progress(task, total=total, unit="request")
+        self.bar = (
+            tqdm(total=total, desc=task, unit="req", dynamic_ncols=True, leave=False)
+            if bar
+            else None
+        )
+
+    def update(self, n: int = 1) -> None:
+        self.events.update(n)
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        self.events.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def profile_bar(*, model: str, spec: ProfileSpec, total: int, progress: bool) -> ProfileProgress:
+    """Progress of one profile (``model profile``): relayed events, and a tqdm bar when
+    ``progress`` is on and stderr is a terminal (a notebook kernel gets :func:`profile_line`)."""
+    return ProfileProgress(f"{model} {spec.name}", total, bar=progress and sys.stderr.isatty())
 
 
 def profile_line(model: str, run: ProfileRun) -> str:

@@ -36,7 +36,6 @@ endpoint) raise :class:`~kit.errors.CompkitError` at once, with nothing written.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -50,6 +49,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from kit.errors import CompkitError
+from kit.run import Run
 from kit.serving.batch import run_batch_profiles
 from kit.serving.deploy import Deployment, DeployPlan, deploy, plan_deploy
 from kit.serving.endpoint import (
@@ -62,8 +62,8 @@ from kit.serving.endpoint import (
 from kit.serving.load import ProfileRun
 from kit.serving.resources import MB, MemorySampler, tree_rss
 from kit.serving.servers import ServerStartError
-from kit.stages.freeze import FrozenRun, load_frozen, require_unchanged
-from kit.store import atomic_write_bytes, atomic_write_text, now_iso
+from kit.stages.freeze import require_unchanged
+from kit.store import atomic_write_text, now_iso
 from kit.study import ModelSpec, SLOConfig, Study, load_study
 
 SERVING_DIR = "serving"
@@ -174,7 +174,7 @@ def run_serving(
     """
     run_dir = Path(run_dir)
     manifest = require_unchanged(run_dir)
-    frozen = load_frozen(run_dir)
+    frozen = Run.open(run_dir)
     study = load_study(manifest.inputs.study_file)
     cfg = study.serving
     if not require_served and not models and not any(m.serving for m in study.models):
@@ -214,10 +214,7 @@ def _nothing_served(run_dir: Path, study: Study) -> ServingResult:
     from kit.serving.evidence import EVIDENCE_COLUMNS
 
     evidence = pd.DataFrame(columns=EVIDENCE_COLUMNS)
-    path = run_dir / "tables" / "serving_evidence.parquet"
-    buf = io.BytesIO()
-    evidence.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
+    path = Run.open(run_dir).write_table("serving_evidence", evidence)
     report = ServingReport(
         created_at=now_iso(),
         study=str(study.source),
@@ -265,9 +262,10 @@ def budget_slo(run_dir: Path) -> tuple[SLOConfig | None, str | None]:
     """SLO limits from the frozen budget's absolute rules on ``ttft_p*_ms``, ``tpot_p*_ms``
     and ``e2e_p*_ms`` (below / at most); the tightest per kind. Seam: reads
     :mod:`kit.budget.grammar` rule objects (``metric``, ``bound.op``, ``bound.value``)."""
-    from kit.budget.grammar import AbsoluteBound, load_frozen_budget
+    from kit.budget.frozen import load_frozen_budget
+    from kit.budget.grammar import AbsoluteBound
 
-    if not (run_dir / "frozen" / "budget.yaml").is_file():
+    if Run.open(run_dir).frozen_budget is None:
         return None, None
     limits: dict[str, float] = {}
     used: list[str] = []
@@ -289,7 +287,7 @@ def model_folder(run_dir: Path, model: str) -> Path:
     return run_dir / SERVING_DIR / model
 
 
-def fingerprint(plan: DeployPlan, study: Study, frozen: FrozenRun, prompts: PromptSet) -> str:
+def fingerprint(plan: DeployPlan, study: Study, frozen: Run, prompts: PromptSet) -> str:
     """Hash of everything that changes a model's serving measurements."""
     payload = {
         "deploy": plan.describe(),
@@ -340,7 +338,7 @@ def _measure_or_reuse(plan, study, frozen, prompts, *, force, progress, say) -> 
 def measure_model(
     plan: DeployPlan,
     study: Study,
-    frozen: FrozenRun,
+    frozen: Run,
     prompts: PromptSet,
     *,
     folder: Path,
@@ -351,7 +349,7 @@ def measure_model(
     cfg, name = study.serving, plan.spec.name
     record = ModelRecord(model=name, deploy=plan.kind, status="measured", started_at=now_iso())
     t0 = time.perf_counter()
-    writer = _ProfileWriter(folder, name)
+    writer = _ProfileWriter(frozen, name)
     say(f"serving {name}: deploying ({plan.kind}) ...")
     base_rss = tree_rss(os.getpid()) if plan.kind == "transformers" else None
     try:
@@ -373,7 +371,7 @@ def measure_model(
 
 
 def _load(
-    dep: Deployment, study: Study, frozen: FrozenRun, prompts: PromptSet, writer, progress
+    dep: Deployment, study: Study, frozen: Run, prompts: PromptSet, writer, progress
 ) -> list[ProfileRun]:
     cfg = study.serving
     if dep.in_process:
@@ -421,30 +419,32 @@ def _note_runs(record: ModelRecord, runs: list[ProfileRun], memory, base_rss: in
 
 
 class _ProfileWriter:
-    """Writes each finished profile's timeline at once (atomic parquet)."""
+    """Writes each finished profile's timeline at once (an atomic, recorded artifact)."""
 
-    def __init__(self, folder: Path, model: str):
-        self.folder, self.model, self.count = folder / "profiles", model, 0
+    def __init__(self, run: Run, model: str):
+        self.run, self.model, self.count = run, model, 0
 
-    def __call__(self, run: ProfileRun) -> None:
-        frame = run.frame(model=self.model)
-        frame["stopped_by"], frame["aborted"], frame["profile_wall_s"] = (
-            run.stopped_by,
-            run.aborted,
-            run.wall_s,
-        )
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run.spec.name)
-        atomic_write_bytes(self.folder / f"{self.count:02d}-{slug}.parquet", buf.getvalue())
+    def __call__(self, profile: ProfileRun) -> None:
+        frame = profile.frame(model=self.model)
+        frame["stopped_by"], frame["aborted"] = profile.stopped_by, profile.aborted
+        frame["profile_wall_s"] = profile.wall_s
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", profile.spec.name)
+        relpath = f"{SERVING_DIR}/{self.model}/profiles/{self.count:02d}-{slug}.parquet"
+        self.run.write_artifact(relpath, frame)
         self.count += 1
 
 
-def load_timelines(run_dir: str | Path, models: list[str] | None = None) -> pd.DataFrame:
-    """Every stored per-request timeline of the run (optionally of some models)."""
-    root = Path(run_dir) / SERVING_DIR
+def load_timelines(run: str | Path | Run, models: list[str] | None = None) -> pd.DataFrame:
+    """Every stored per-request timeline of the run (optionally of some models), each file
+    checked against the digest recorded when it was written."""
+    run = Run.open(run)
+    root = run.root / SERVING_DIR
     files = sorted(root.glob("*/profiles/*.parquet")) if root.is_dir() else []
-    frames = [pd.read_parquet(f) for f in files if models is None or f.parts[-3] in models]
+    frames = [
+        run.read_artifact(str(f.relative_to(run.root)))
+        for f in files
+        if models is None or f.parts[-3] in models
+    ]
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -469,14 +469,13 @@ def stored_records(run_dir: Path, study: Study, *, fresh: list[ModelRecord]) -> 
 def write_serving_tables(
     run_dir: Path,
     study: Study,
-    frozen: FrozenRun,
+    frozen: Run,
     *,
     records: list[ModelRecord],
     slo: SLOConfig | None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Path]]:
     """Compute every table from the stored timelines and write ``tables/serving_*.parquet``."""
     from kit.serving.tables import TableInputs, compute_tables
-    from kit.stages.candidates import stored_outputs
 
     names = [r.model for r in records]
     inputs = TableInputs(
@@ -486,16 +485,11 @@ def write_serving_tables(
         records=[r.model_dump(mode="json") for r in records],
         costs={m.name: m.cost for m in study.models if m.cost is not None and m.name in names},
         slo=slo,
-        stored_outputs=stored_outputs(run_dir),
+        stored_outputs=frozen.outputs(),
+        confidence=frozen.confidence,
     )
-    tables = compute_tables(load_timelines(run_dir, names), inputs)
-    paths = {}
-    for name, frame in tables.items():
-        path = run_dir / "tables" / f"serving_{name}.parquet"
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        atomic_write_bytes(path, buf.getvalue())
-        paths[name] = path
+    tables = compute_tables(load_timelines(frozen, names), inputs)
+    paths = {name: frozen.write_table(f"serving_{name}", frame) for name, frame in tables.items()}
     return tables, paths
 
 

@@ -82,6 +82,9 @@ METHODS: dict[str, str] = {
     "cluster_bootstrap": "percentile bootstrap resampling whole requests",
     "bca_bootstrap": "BCa bootstrap",
     "union_product": "union bound of the factors' intervals",
+    "garwood_union": "union bound of two Garwood Poisson intervals",
+    "cluster_bootstrap_union": "union bound of two request-resampling bootstrap intervals",
+    "union_bound": "union bound of the two values' intervals",
     "single_measurement": "measured once (no sampling interval)",
 }
 
