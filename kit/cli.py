@@ -169,7 +169,7 @@ def _cmd_serve_bench(args: argparse.Namespace) -> int:
 
     run = Path(args.out)
     _ensure_same_study(run, Path(args.study))  # also: the run must be frozen
-    params = {"require_served": True, "models": list(args.model or []), "force": args.force}
+    params = {"require_served": True, "models": ",".join(args.model or []), "force": args.force}
     result = run_pipeline(
         args.study,
         run,
