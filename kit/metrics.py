@@ -82,6 +82,9 @@ class MetricSpec:
     requires
         What the study must provide for the metric to exist (empty: the stage always emits
         it for the tasks it applies to).
+    slices, overall
+        Aggregate metrics: the evidence slices the metric appears on besides ``overall``, and
+        what its ``overall`` row is (the serving stage's reference or peak profile, ...).
     """
 
     name: str
@@ -98,6 +101,8 @@ class MetricSpec:
     intervals: tuple[str, str, str] = ("clopper_pearson", "tango_cc", "tang_cc")
     table: str = "slice_table"
     requires: str = ""
+    slices: tuple[str, ...] = ()
+    overall: str = ""
     builtin: bool = field(default=True, compare=False)
 
     @property
@@ -129,50 +134,6 @@ def _item(
 
 _CHOICE = ("classification", "multiple_choice")
 _BOOT = ("bca_bootstrap", "bca_bootstrap", "bca_bootstrap")
-_LATENCY = ("order_statistic", "bca_bootstrap", "bca_bootstrap")
-_INF = float("inf")
-
-
-def _latency(name: str, what: str, q: str, phrases: Iterable[str]) -> MetricSpec:
-    return MetricSpec(
-        name,
-        f"{q} {what} (ms) under the serving profile named by the slice",
-        False,
-        "serving",
-        "ms",
-        kind="aggregate",
-        scale="unbounded",
-        phrases=tuple(phrases),
-        value_range=(0.0, _INF),
-        intervals=_LATENCY,
-        table="serving_evidence",
-    )
-
-
-def _latency_phrases(q: str, words: Iterable[str]) -> list[str]:
-    names = {"50": ("p50", "median", "50th percentile"), "90": ("p90", "90th percentile")}
-    names |= {"95": ("p95", "95th percentile"), "99": ("p99", "99th percentile")}
-    return [f"{prefix} {w}" for prefix in names[q] for w in words]
-
-
-_TTFT_WORDS = ("first token latency", "time to first token", "ttft", "first token time")
-_E2E_WORDS = ("end to end latency", "e2e latency", "request latency", "latency")
-
-
-def _serving(name, description, higher, unit, *, phrases=(), intervals=_BOOT, rng=(0.0, _INF)):
-    return MetricSpec(
-        name,
-        description,
-        higher,
-        "serving",
-        unit,
-        kind="aggregate",
-        scale="unbounded" if unit not in ("share", "score") else "bounded",
-        phrases=tuple(phrases),
-        value_range=rng,
-        intervals=intervals,
-        table="serving_evidence",
-    )
 
 
 def _calibration(name, description, higher, *, phrases=(), unit="score", requires=""):
@@ -189,6 +150,285 @@ def _calibration(name, description, higher, *, phrases=(), unit="score", require
         table="calibration_comparison",
         requires=requires,
     )
+
+
+# --------------------------------------------------------------------------- serving (stage 5)
+
+_INF = float("inf")
+
+#: Evidence slices of the serving stage: ``profile`` (``synchronous``, ``throughput``),
+#: ``concurrency`` (N users), ``rate`` (requests/s of an open-loop profile), ``prompt_length``
+#: (``short``, ``long``, ``longest``), ``synthetic`` (``128/64``...), ``batch_size``.
+LOAD_SLICES = ("profile", "concurrency", "rate", "prompt_length", "synthetic", "batch_size")
+_EVAL_SLICES = ("profile", "concurrency", "rate", "prompt_length", "batch_size")
+_PEAK = "the highest value over the model's eval-traffic profiles (saturation)"
+_POINT = "the operating point: the profile with the highest goodput (with an SLO), else throughput"
+_POOLED = (
+    "all measured requests of the model's loaded profiles (every profile but those sending one "
+    "request at a time, unless there are only those), pooled"
+)
+_ONCE = "measured once per deployment"
+_LATENCY_KINDS = {
+    "ttft": ("time to first token", ("first token latency", "time to first token", "ttft")),
+    "tpot": (
+        "time per output token after the first",
+        ("time per output token", "tpot", "per token latency"),
+    ),
+    "itl": ("gap between consecutive streamed tokens", ("inter token latency", "itl", "token gap")),
+    "e2e": (
+        "end-to-end request latency",
+        ("end to end latency", "e2e latency", "request latency", "response time", "latency"),
+    ),
+}
+_QUANTILES = {
+    "50": ("p50", "median"),
+    "90": ("p90", "90th percentile"),
+    "95": ("p95", "95th percentile"),
+    "99": ("p99", "99th percentile"),
+}
+
+
+def _served(name, description, higher, unit, intervals, *, slices, overall, phrases=()):
+    """A serving-stage metric (value interval, change interval, relative-change interval)."""
+    return MetricSpec(
+        name,
+        description,
+        higher,
+        "serving",
+        unit,
+        kind="aggregate",
+        scale="bounded" if unit == "share" else "unbounded",
+        phrases=tuple(phrases),
+        value_range=(0.0, 1.0) if unit == "share" else (0.0, _INF),
+        intervals=intervals,
+        table="serving_evidence",
+        slices=tuple(slices),
+        overall=overall,
+    )
+
+
+def _latencies() -> list[MetricSpec]:
+    out = []
+    for key, (what, nouns) in _LATENCY_KINDS.items():
+        value = "cluster_bootstrap" if key == "itl" else "order_statistic"
+        change = f"{value}_union"
+        for q, words in _QUANTILES.items():
+            out.append(
+                _served(
+                    f"{key}_p{q}_ms",
+                    f"{words[0]} {what} over successful requests (ms)",
+                    False,
+                    "ms",
+                    (value, change, change),
+                    slices=LOAD_SLICES,
+                    overall="the study's serving.reference profile (default synchronous)",
+                    phrases=[f"{w} {n}" for w in words for n in nouns],
+                )
+            )
+    return out
+
+
+_RATE = ("clopper_pearson", "clopper_pearson_union", "clopper_pearson_union")
+_PAIRED = ("clopper_pearson", "tango_cc", "tang_cc")
+_POISSON = ("garwood_poisson", "poisson_ratio_conditional", "poisson_ratio_conditional")
+_ONE = ("single_measurement", "single_measurement", "single_measurement")
+_UNION = ("union_product", "union_bound", "union_bound")
+
+_SERVING: list[MetricSpec] = [
+    *_latencies(),
+    _served(
+        "throughput_rps",
+        "successful requests per second over the measured window",
+        True,
+        "requests/s",
+        _POISSON,
+        slices=LOAD_SLICES,
+        overall=_PEAK,
+        phrases=("throughput", "requests per second", "request throughput", "req/s", "rps"),
+    ),
+    _served(
+        "output_tokens_per_s",
+        "generated tokens per second over the measured window",
+        True,
+        "tokens/s",
+        _UNION,
+        slices=LOAD_SLICES,
+        overall=_PEAK,
+        phrases=(
+            "output tokens per second",
+            "token throughput",
+            "output throughput",
+            "generation throughput",
+            "tokens per second",
+            "decode speed",
+        ),
+    ),
+    _served(
+        "goodput_rps",
+        "requests per second that met every latency SLO (errors are misses)",
+        True,
+        "requests/s",
+        _POISSON,
+        slices=LOAD_SLICES,
+        overall=_PEAK,
+        phrases=("goodput", "good requests per second", "requests within the slo per second"),
+    ),
+    _served(
+        "goodput_share",
+        "share of requests that met every latency SLO",
+        True,
+        "share",
+        _RATE,
+        slices=LOAD_SLICES,
+        overall=_POINT,
+        phrases=("share of requests within the slo", "slo attainment"),
+    ),
+    _served(
+        "error_rate_under_load",
+        "share of requests that failed under load (any error "
+        "class, timeouts and cut streams included)",
+        False,
+        "share",
+        _RATE,
+        slices=LOAD_SLICES,
+        overall=_POOLED,
+        phrases=("errors under load", "failed requests under load", "request failures"),
+    ),
+    _served(
+        "timeout_rate",
+        "share of requests that hit the client timeout",
+        False,
+        "share",
+        _RATE,
+        slices=LOAD_SLICES,
+        overall=_POOLED,
+        phrases=("timeouts", "request timeouts"),
+    ),
+    _served(
+        "interrupted_rate",
+        "share of streams the server cut short ([DONE] without a finish_reason)",
+        False,
+        "share",
+        _RATE,
+        slices=LOAD_SLICES,
+        overall=_POOLED,
+        phrases=("interrupted streams", "cut streams", "truncated answers"),
+    ),
+    _served(
+        "parse_failure_under_load",
+        "share of answered requests whose JSON, label or option could not be read",
+        False,
+        "share",
+        _PAIRED,
+        slices=_EVAL_SLICES,
+        overall=_POINT,
+        phrases=("parse failures under load", "unparsable answers under load"),
+    ),
+    _served(
+        "accuracy_under_load",
+        "share of eval requests answered correctly under load (failed requests count as wrong)",
+        True,
+        "share",
+        _PAIRED,
+        slices=_EVAL_SLICES,
+        overall=_POINT,
+        phrases=("served accuracy", "accuracy when served"),
+    ),
+    _served(
+        "load_flip_rate",
+        "share of items whose correctness changed between this profile and the unloaded reference",
+        False,
+        "share",
+        _RATE,
+        slices=_EVAL_SLICES,
+        overall=_POINT,
+        phrases=("answers changed by load", "flips under load"),
+    ),
+    _served(
+        "batch_flip_rate",
+        "share of items whose correctness differs between batch size / "
+        "concurrency 1 and N (noise floor)",
+        False,
+        "share",
+        _RATE,
+        slices=("batch_size", "concurrency"),
+        overall="the largest batch size (in process) or concurrency (server) against 1",
+        phrases=("batch size flip rate", "batching flips"),
+    ),
+    _served(
+        "peak_memory_mb",
+        "peak resident memory of the serving process tree (psutil RSS)",
+        False,
+        "MB",
+        _ONE,
+        slices=(),
+        overall=_ONCE,
+        phrases=(
+            "peak memory",
+            "peak memory use",
+            "peak memory usage",
+            "memory",
+            "ram",
+            "resident memory",
+        ),
+    ),
+    _served(
+        "peak_gpu_memory_mb",
+        "peak GPU memory of the serving processes (NVML or nvidia-smi)",
+        False,
+        "MB",
+        _ONE,
+        slices=(),
+        overall=_ONCE,
+        phrases=("peak gpu memory", "gpu memory", "vram"),
+    ),
+    _served(
+        "size_on_disk_mb",
+        "size of the model's files on disk",
+        False,
+        "MB",
+        _ONE,
+        slices=(),
+        overall=_ONCE,
+        phrases=("size on disk", "model size", "disk footprint"),
+    ),
+    _served(
+        "cold_start_s",
+        "process start (or model load) to the first streamed token of the first request",
+        False,
+        "s",
+        _ONE,
+        slices=(),
+        overall=_ONCE,
+        phrases=("cold start", "cold start time", "startup time"),
+    ),
+    _served(
+        "cost_per_request_usd",
+        "serving cost per request from the cost: block (hourly "
+        "price / request rate, or token prices)",
+        False,
+        "USD",
+        _POISSON,
+        slices=(),
+        overall=_POINT,
+        phrases=("cost per request", "serving cost per request", "price per request"),
+    ),
+    _served(
+        "cost_per_1k_correct_usd",
+        "serving cost per 1,000 correct answers (cost per request x 1000 / accuracy under load)",
+        False,
+        "USD",
+        _UNION,
+        slices=(),
+        overall=_POINT,
+        phrases=(
+            "cost per 1,000 correct answers",
+            "cost per 1000 correct answers",
+            "cost per thousand correct answers",
+            "cost per correct answer",
+        ),
+    ),
+]
 
 
 _BUILTIN: list[MetricSpec] = [
@@ -410,70 +650,7 @@ _BUILTIN: list[MetricSpec] = [
         unit="share",
         requires="eval items flagged admits_uncertainty",
     ),
-    # ---------------------------------------------------------------- serving (stage 5)
-    *(
-        _latency(f"ttft_p{q}_ms", "time to first token", f"p{q}", _latency_phrases(q, _TTFT_WORDS))
-        for q in ("50", "90", "95", "99")
-    ),
-    *(
-        _latency(
-            f"e2e_p{q}_ms", "end-to-end request latency", f"p{q}", _latency_phrases(q, _E2E_WORDS)
-        )
-        for q in ("50", "90", "95", "99")
-    ),
-    _latency(
-        "tpot_p50_ms", "time per output token", "median", ("median time per output token", "tpot")
-    ),
-    _latency("itl_p95_ms", "inter-token latency", "p95", ("p95 inter token latency",)),
-    _serving(
-        "throughput_rps",
-        "requests completed per second",
-        True,
-        "requests/s",
-        phrases=("throughput", "requests per second", "request throughput"),
-    ),
-    _serving(
-        "output_tokens_per_s",
-        "output tokens generated per second over the profile",
-        True,
-        "tokens/s",
-        phrases=("tokens per second", "output throughput", "token throughput", "decode speed"),
-    ),
-    _serving(
-        "error_rate_under_load",
-        "share of requests that failed under load (errors and timeouts)",
-        False,
-        "share",
-        phrases=("error rate under load", "errors under load"),
-        intervals=("clopper_pearson", "tango_cc", "tang_cc"),
-        rng=(0.0, 1.0),
-    ),
-    _serving(
-        "peak_memory_mb",
-        "peak resident memory of the serving process tree (MB)",
-        False,
-        "MB",
-        phrases=("peak memory", "peak memory use", "peak memory usage", "memory"),
-        intervals=("exact", "exact", "exact"),
-    ),
-    _serving(
-        "cost_per_request_usd",
-        "serving cost per request (USD)",
-        False,
-        "USD",
-        phrases=("cost per request", "request cost"),
-    ),
-    _serving(
-        "cost_per_1k_correct_usd",
-        "serving cost per 1,000 correct answers (USD)",
-        False,
-        "USD",
-        phrases=(
-            "cost per 1000 correct answers",
-            "cost per 1,000 correct answers",
-            "cost per correct answer",
-        ),
-    ),
+    *_SERVING,
     # ---------------------------------------------------------------- routing (stage 6)
     MetricSpec(
         "fallback_rate",

@@ -439,10 +439,13 @@ def judge_run(
     """
     run = Run.open(run)
     status = budget_status(run)
-    names = list(candidates) if candidates is not None else run.candidates()
-    if not names:
-        raise CompkitError(f"{run.root}: no candidate outputs to judge (run stage 2 first)")
     evidence, files = _read_evidence(run)
+    names = list(candidates) if candidates is not None else _measured_candidates(run, evidence)
+    if not names:
+        raise CompkitError(
+            f"{run.root}: no candidate to judge: no candidate outputs (stage 2) and no "
+            "candidate in any stage's evidence"
+        )
     if status.frozen_path is None:
         verdicts = pd.DataFrame(columns=VERDICT_COLUMNS)
         decisions, rules = pd.DataFrame(columns=DECISION_COLUMNS), None
@@ -465,6 +468,15 @@ def judge_run(
         run.write_table(VERDICT_TABLE, verdicts)
         write_report(run.root, report)
     return Judgement(verdicts, decisions, status)
+
+
+def _measured_candidates(run: Run, evidence: pd.DataFrame) -> list[str]:
+    """Candidates with stage-2 outputs, then any other candidate a stage measured (a model
+    benchmarked only by the serving stage); a rule with no evidence for it is inconclusive."""
+    names = list(run.candidates())
+    if not evidence.empty:
+        names += [m for m in evidence["model"].dropna().unique() if m != run.baseline]
+    return list(dict.fromkeys(names))
 
 
 def write_report(run_dir: str | Path, report: VerdictReport) -> Path:

@@ -366,3 +366,38 @@ def test_impossible_limit_in_a_file_names_file_and_rule(tmp_path):
         CompkitError, match=r'rule 1 "flip rate must stay under 150 percent": flip_rate'
     ):
         load_budget(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "metric", "slice_", "bound"),
+    [
+        ("p95 first-token latency must stay below 400 ms", "ttft_p95_ms", None,
+         AbsoluteBound("<", 400.0)),
+        ("throughput must be at least 2x the baseline", "throughput_rps", None,
+         ChangeBound("relative", ">=", 1.0)),
+        ("peak memory must stay under 1.5 GB", "peak_memory_mb", None, AbsoluteBound("<", 1536.0)),
+        ("cost per 1,000 correct answers must drop by at least 30 percent",
+         "cost_per_1k_correct_usd", None, ChangeBound("relative", "<=", -0.3)),
+        ("error rate under load below 1 percent", "error_rate_under_load", None,
+         AbsoluteBound("<", 0.01)),
+        ("p99 end-to-end latency at 4 concurrent users below 3 s", "e2e_p99_ms",
+         SliceRef("concurrency", "4"), AbsoluteBound("<", 3000.0)),
+        ("goodput must not drop", "goodput_rps", None, ChangeBound("no_decrease", ">=", 0.0)),
+        ("batch flip rate below 2 percent", "batch_flip_rate", None, AbsoluteBound("<", 0.02)),
+        ("median time per output token at 2 requests per second must stay under 80 ms",
+         "tpot_p50_ms", SliceRef("rate", "2"), AbsoluteBound("<", 80.0)),
+        ("accuracy must rise by at least 2 points", "accuracy", None,
+         ChangeBound("points", ">=", 0.02)),
+    ],
+)  # fmt: skip
+def test_serving_sentences_parse(text, metric, slice_, bound):
+    rule = parse_rule(text)
+    assert (rule.metric, rule.slice) == (metric, slice_)
+    assert _same_bound(rule.bound, bound), rule.bound
+
+
+def test_load_slices_are_known_before_any_serving_run():
+    """A frozen budget may name a load condition: the serving settings define its values."""
+    frame = pd.DataFrame({"id": ["a", "b"], "task": ["classification", "classification"]})
+    rule = parse_rule("p95 TTFT must stay under 800 ms for profile=sweep", slices=frame)
+    assert (rule.slice.column, rule.slice.value) == ("profile", "sweep")

@@ -123,6 +123,14 @@ def test_every_registered_metric_of_these_stages_is_emitted(run):
         assert spec.name in names, f"{spec.name} ({spec.stage}) is registered but not emitted"
 
 
+def test_budget_phrases_name_one_metric_each():
+    owners: dict[str, set[str]] = {}
+    for spec in METRICS.values():
+        for phrase in (spec.name.replace("_", " "), *spec.phrases):
+            owners.setdefault(phrase.lower().replace("-", " "), set()).add(spec.name)
+    assert {p: o for p, o in owners.items() if len(o) > 1} == {}
+
+
 def test_every_registered_metric_names_its_stage_table_unit_and_phrase():
     for spec in METRICS.values():
         assert spec.stage in STAGES and spec.unit in UNITS, spec

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kit.cli import main
-from kit.serving.metric_specs import SERVING_METRICS, metric_names
+from kit.metrics import METRICS
 from kit.serving.tables import latency_reference, load_curve
 from kit.serving.tradeoff import tradeoff_frame
 from kit.stages.serving import load_timelines, run_serving
@@ -109,7 +109,7 @@ def test_batch_flips_and_the_unbatched_answers(batched):
 def test_overall_rows_come_from_the_reference_and_every_metric_is_declared(batched):
     _, result = batched
     ev = result.tables["evidence"]
-    assert set(ev["metric"]) <= set(metric_names())
+    assert set(ev["metric"]) <= {n for n, spec in METRICS.items() if spec.stage == "serving"}
     points = result.tables["points"].set_index(["model", "figure"])["profile"]
     assert points[("tiny", "latency (overall rows)")] == "batch_size=2"  # concurrency=2 -> batch 2
     assert pd.isna(points[("tiny-bf16", "latency (overall rows)")])  # no batch size 2 measured
@@ -125,8 +125,11 @@ def test_overall_rows_come_from_the_reference_and_every_metric_is_declared(batch
     ]
     row = cand[cand["metric"] == "throughput_rps"].iloc[0]
     assert row["baseline_value"] > 0 and row["rel_ci_low"] <= row["rel"] <= row["rel_ci_high"]
-    for spec in SERVING_METRICS:
-        assert spec["unit"] and isinstance(spec["higher_is_better"], bool) and spec["phrases"]
+    emitted = set(ev["metric"])
+    for spec in METRICS.values():
+        if spec.stage == "serving":
+            assert spec.unit and spec.phrases and spec.overall, spec.name
+    assert emitted <= {n for n, spec in METRICS.items() if spec.stage == "serving"}
 
 
 def test_latency_reference_maps_server_profiles_to_batches():

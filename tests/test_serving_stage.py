@@ -419,3 +419,23 @@ def test_the_judge_reads_the_serving_evidence(served):
     assert verdicts.loc[("dying", "error_rate_under_load"), "verdict"] == "fail"
     # 4 requests cannot bound a p95 from above: never a pass on too few requests
     assert verdicts.loc[("fast", "ttft_p95_ms"), "verdict"] != "pass"
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+def test_the_memo_shows_the_trade_and_the_serving_charts(served, tmp_path):
+    """Stage 5 in the memo: the trade-off, latency, load-curve and error charts as inline SVG
+    (no script), drawn from the recorded serving tables."""
+    import shutil
+
+    from kit.report.memo import evidence_figures, write_memo
+
+    _, run, _ = served
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    figures = {f.key: f for f in evidence_figures(copy)}
+    for key in ("tradeoff", "latency", "load_curve", "errors"):
+        assert key in figures and figures[key].svg is not None, (key, figures[key].note)
+    html = write_memo(copy).read_text(encoding="utf-8")
+    assert "The trade: serving gains against the quality paid" in html
+    assert "<script" not in html.lower() and "95% CIs" in html

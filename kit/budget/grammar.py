@@ -93,7 +93,7 @@ from pydantic import ValidationError as PydanticError
 
 from kit.errors import CompkitError
 from kit.evalset import TASKS
-from kit.metrics import METRICS, MetricSpec, format_limit, phrase_index
+from kit.metrics import LOAD_SLICES, METRICS, MetricSpec, format_limit, phrase_index
 from kit.metrics import metric as metric_spec
 from kit.safeyaml import read_yaml
 
@@ -289,10 +289,16 @@ def slice_vocabulary(slices_frame: pd.DataFrame) -> dict[str, tuple[str, ...]]:
 
 def _vocab(slices: SliceVocabulary | pd.DataFrame | None) -> dict[str, tuple[str, ...] | None]:
     if slices is None:
-        return default_slice_vocabulary()
-    if isinstance(slices, pd.DataFrame):
-        return dict(slice_vocabulary(slices))
-    return {c: (tuple(str(v) for v in vs) if vs is not None else None) for c, vs in slices.items()}
+        vocab = default_slice_vocabulary()
+    elif isinstance(slices, pd.DataFrame):
+        vocab = dict(slice_vocabulary(slices))
+    else:
+        vocab = {
+            c: (tuple(str(v) for v in vs) if vs is not None else None) for c, vs in slices.items()
+        }
+    for column in LOAD_SLICES:  # load conditions are named by the serving settings, any value
+        vocab.setdefault(column, None)
+    return vocab
 
 
 def _valid_slices(vocab: Mapping[str, tuple[str, ...] | None]) -> str:
@@ -346,6 +352,11 @@ def _resolve_slice(value: str, vocab, column: str | None = None) -> SliceRef:
 _ON = r"\s+(?:on|for|in|within|across)\s+(?:the\s+)?"
 _ITEMS = r"(?:items|prompts|requests|examples|questions|tickets|messages|inputs|cases|calls)"
 _SLICE_PATTERNS = [
+    re.compile(
+        r"\s+(?:at|with|under)\s+(?P<conc>\d+)\s+(?:concurrent|parallel|simultaneous)\s+"
+        r"(?:users?|requests?|clients?|streams?)\b"
+    ),
+    re.compile(r"\s+at\s+(?P<rate>\d+(?:\.\d+)?)\s+(?:requests?\s+per\s+second|req/s|rps)\b"),
     re.compile(_ON + r"(?P<col>[a-z][a-z0-9_]*)\s*(?:==?|:)\s*(?P<val>[^\s,]+)(?:\s+slice)?"),
     re.compile(r"\s+(?:on|for|in|within)\s+the\s+(?P<val>[a-z0-9_\- ]+?)\s+(?:slice|subset)\b"),
     re.compile(r"\s+(?:on|for)\s+(?P<rarity>rare|common)[\s\-]+(?:labels?|classes|intents)\b"),
@@ -362,7 +373,11 @@ def _extract_slice(text: str, vocab) -> tuple[str, SliceRef | None]:
         if not match:
             continue
         groups = match.groupdict()
-        if groups.get("rarity"):
+        if groups.get("conc"):
+            found.append(SliceRef("concurrency", groups["conc"]))
+        elif groups.get("rate"):
+            found.append(SliceRef("rate", f"{float(groups['rate']):g}"))
+        elif groups.get("rarity"):
             found.append(_resolve_slice(groups["rarity"], vocab, "label_rarity"))
         elif groups.get("lang"):
             found.append(_resolve_slice(groups["lang"], vocab))
@@ -500,7 +515,8 @@ _WORSE = r"worsens?|gets?\s+worse|degrades?|regress(?:es)?|deteriorates?"
 _VERB = rf"(?P<verb>{_DOWN}|{_UP}|{_WORSE})"
 _AMOUNT = (
     r"(?:by\s+)?(?P<amt>more\s+than|at\s+most|no\s+more\s+than|not\s+more\s+than|up\s+to"
-    r"|less\s+than|a\s+maximum\s+of)|by\s+(?P<amt_by>over|under)"
+    r"|less\s+than|a\s+maximum\s+of|at\s+least|a\s+minimum\s+of|no\s+less\s+than)"
+    r"|by\s+(?P<amt_by>over|under)"
 )
 _CMP = {
     "<": r"under|below|less\s+than|lower\s+than|fewer\s+than|beneath|<|falls?\s+below"
@@ -524,6 +540,10 @@ _CHANGE_TAIL_RE = re.compile(
 _NO_CHANGE_RE = re.compile(rf"^(?P<subj>.+?)\s+{_CHAIN}{_VERB}(?:\s+at\s+all)?$")
 _VS_BASELINE_RE = re.compile(
     rf"^(?P<subj>.+?)\s+{_CHAIN}(?:(?P<worse>no\s+worse\s+than)|{_ANY_CMP})\s+"
+    r"(?:that\s+of\s+)?(?:the\s+)?baseline(?:'s)?(?:\s+value)?$"
+)
+_TIMES_RE = re.compile(
+    rf"^(?P<subj>.+?)\s+{_CHAIN}(?:{_ANY_CMP})\s+(?P<times>\d+(?:\.\d+)?)\s*(?:x|times)\s+"
     r"(?:that\s+of\s+)?(?:the\s+)?baseline(?:'s)?(?:\s+value)?$"
 )
 _LEVEL_RE = re.compile(rf"^(?P<subj>.+?)\s+{_CHAIN}(?:{_ANY_CMP})\s+{_NUM}{_UNIT}$")
@@ -588,6 +608,11 @@ def _change_rule(m: re.Match, spec: MetricSpec, *, amount_word: str) -> ChangeBo
         "max",
         "maximum",
     )
+    kind, amount = _change_amount(m, spec)
+    down = _direction(m.group("verb"), spec) == "down"
+    if not neg and word in ("at least", "a minimum of", "no less than"):
+        # a required change: "cost must drop by at least 30 percent" is change <= -30%
+        return ChangeBound(kind, "<=", -amount) if down else ChangeBound(kind, ">=", amount)
     if (neg and word in ("more than", "over")) or (not neg and word in inclusive):
         strict = False
     elif not neg and word in ("less than", "under"):
@@ -597,8 +622,7 @@ def _change_rule(m: re.Match, spec: MetricSpec, *, amount_word: str) -> ChangeBo
             "cannot read the allowed amount; write e.g. 'cannot drop by more than 1 point' "
             "or 'may drop at most 1 point'"
         )
-    kind, amount = _change_amount(m, spec)
-    if _direction(m.group("verb"), spec) == "down":
+    if down:
         return ChangeBound(kind, ">" if strict else ">=", -amount)
     return ChangeBound(kind, "<" if strict else "<=", amount)
 
@@ -626,6 +650,18 @@ def _vs_baseline_rule(m: re.Match, spec: MetricSpec) -> ChangeBound:
     if op == ">=":
         return ChangeBound("no_decrease", ">=", 0.0)
     return ChangeBound("points" if spec.unit in ("share", "score") else "absolute", op, 0.0)
+
+
+def _times_rule(m: re.Match, spec: MetricSpec) -> ChangeBound:
+    """``at least 2x the baseline``: the candidate's value over the baseline's, as a relative
+    change (2x = +100%)."""
+    op = _matched_op(m)
+    if _negated(m.group("chain")):
+        op = _NEGATED[op]
+    times = float(m.group("times"))
+    if times <= 0:
+        raise CompkitError("a multiple of the baseline must be positive")
+    return ChangeBound("relative", op, times - 1.0)
 
 
 def _level_rule(m: re.Match, spec: MetricSpec, op: Op) -> AbsoluteBound:
@@ -670,6 +706,7 @@ def _parse_predicate(text: str, vocab) -> tuple[str, Bound, SliceRef | None]:
         ),
         (_CHANGE_TAIL_RE, lambda m, s: _change_rule(m, s, amount_word=m.group("tail"))),
         (_NO_CHANGE_RE, _no_change_rule),
+        (_TIMES_RE, _times_rule),
         (_VS_BASELINE_RE, _vs_baseline_rule),
         (_LEVEL_RE, lambda m, s: _level_rule(m, s, _matched_op(m))),
         (

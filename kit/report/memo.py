@@ -250,6 +250,64 @@ def evidence_figures(run_dir: str | Path) -> list[Figure]:
                 lambda: cal.reliability_chart(bins),
             )
         )
+    return figures + serving_figures(run_dir, quality=table, metric=metric)
+
+
+def serving_figures(run_dir: Path, *, quality: pd.DataFrame | None, metric: str) -> list[Figure]:
+    """The serving stage's charts (trade-off, latency percentiles, load curve, errors) when
+    stage 5 has run."""
+    from kit.report.charts import serving as srv
+    from kit.serving.tables import load_curve
+    from kit.serving.tradeoff import tradeoff_frame
+
+    evidence, latency = _read(run_dir, "serving_evidence"), _read(run_dir, "serving_latency")
+    throughput, errors = _read(run_dir, "serving_throughput"), _read(run_dir, "serving_errors")
+    if evidence is None or evidence.empty:
+        return []
+    level = float(evidence["confidence"].dropna().iloc[0]) if "confidence" in evidence else 0.95
+    trade = tradeoff_frame(evidence, quality, metric=metric)
+    figures = []
+    if len(trade):
+        figures.append(
+            _figure(
+                "tradeoff",
+                "The trade: serving gains against the quality paid",
+                "Each point is a candidate: x is what it buys (speed-up in x baseline, savings "
+                "as a share), y is its change in quality, both with paired intervals. Right of "
+                "the dashed line is a gain; below zero is a quality loss.",
+                lambda: srv.tradeoff_chart(trade, confidence=level),
+            )
+        )
+    if latency is not None and len(latency):
+        figures.append(
+            _figure(
+                "latency",
+                "Time to first token by load profile",
+                "p50/p95/p99 per model and profile with order-statistic intervals; an open "
+                "bar means too few requests bound that percentile from above.",
+                lambda: srv.latency_chart(latency, metric="ttft_ms"),
+            )
+        )
+        if throughput is not None and len(throughput):
+            figures.append(
+                _figure(
+                    "load_curve",
+                    "Latency against throughput",
+                    "p95 time to first token at each load level reached; a curve bending up "
+                    "marks the model's saturation point.",
+                    lambda: srv.load_curve_chart(load_curve(latency, throughput)),
+                )
+            )
+    if errors is not None and len(errors):
+        figures.append(
+            _figure(
+                "errors",
+                "Failed requests under load",
+                "Share of requests per failure class (HTTP error, timeout, interrupted stream, "
+                "unparseable answer) per model and profile.",
+                lambda: srv.error_chart(errors),
+            )
+        )
     return figures
 
 
@@ -330,11 +388,12 @@ def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
 def _failing(run: Run, candidates: list[str], k: int) -> dict[str, list[dict[str, Any]]]:
     from kit.stages.drilldown import failing_examples
 
-    if k <= 0:
-        return {}
+    stored = set(run.candidates())
+    if k <= 0 or not stored:
+        return {}  # a run measured only by the serving stage has no per-item outcomes
     outcomes = run.outcomes()
     out = {}
-    for name in candidates:
+    for name in (c for c in candidates if c in stored):
         frame = failing_examples(run, candidate=name, k=k, outcomes=outcomes)
         out[name] = [{k_: _text(v) for k_, v in row.items()} for row in frame.to_dict("records")]
     return out

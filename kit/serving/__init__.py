@@ -24,7 +24,6 @@ module                   job
 ``tables``               every serving table from the stored timelines
 ``evidence``             the budget evidence: candidates against the baseline, with CIs
 ``tradeoff``             what each candidate buys against what it pays (for the memo's chart)
-``metric_specs``         every metric this stage emits, as plain data for the registry
 =======================  ======================================================================
 
 The stage glue (read a run folder, write ``tables/serving_*.parquet`` and

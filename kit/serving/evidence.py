@@ -5,7 +5,7 @@
 for every model other than the baseline where the baseline has the same row,
 ``baseline_value, delta`` (model - baseline) with ``ci_low, ci_high`` and ``rel`` ((model -
 baseline) / baseline) with ``rel_ci_low, rel_ci_high``. Metric names and what each
-``overall`` row means are in :mod:`kit.serving.metric_specs`.
+``overall`` row means are declared with each metric in :mod:`kit.metrics` (``overall``).
 
 How a change is bounded, by metric family:
 

@@ -64,6 +64,17 @@ METHODS: dict[str, str] = {
     "bca_bootstrap": "paired BCa bootstrap",
     "bounded_zero_change": "exact bound from the number of items that changed (none did)",
     "exact": "exact value (no sampling error)",
+    # independent samples (the serving stage; kit.stats.serving_intervals)
+    "garwood_poisson": "Garwood's exact Poisson interval of the completed-request count",
+    "poisson_ratio_conditional": "exact conditional-binomial interval of a ratio of two rates",
+    "order_statistic_union": "union bound of two distribution-free order-statistic intervals",
+    "clopper_pearson_union": "union bound of two Clopper–Pearson intervals",
+    "cluster_bootstrap": "percentile bootstrap resampling whole requests",
+    "union_product": "union bound of the factors' intervals",
+    "garwood_union": "union bound of two Garwood Poisson intervals",
+    "cluster_bootstrap_union": "union bound of two request-resampling bootstrap intervals",
+    "union_bound": "union bound of the two values' intervals",
+    "single_measurement": "measured once (no sampling interval)",
 }
 
 _EPS = 1e-12

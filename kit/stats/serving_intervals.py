@@ -74,19 +74,7 @@ from kit.errors import CompkitError
 from kit.stats.intervals import check_confidence, proportion_ci, quantile_ci
 
 #: Method name -> one line the memo quotes (to be merged into kit.stats.intervals.METHODS).
-METHODS: dict[str, str] = {
-    "garwood_poisson": "Garwood's exact Poisson interval of the completed-request count",
-    "poisson_ratio_conditional": "exact conditional-binomial interval of a ratio of two rates",
-    "order_statistic_union": "union bound of two distribution-free order-statistic intervals",
-    "clopper_pearson_union": "union bound of two Clopper–Pearson intervals",
-    "cluster_bootstrap": "percentile bootstrap resampling whole requests",
-    "bca_bootstrap": "BCa bootstrap",
-    "union_product": "union bound of the factors' intervals",
-    "garwood_union": "union bound of two Garwood Poisson intervals",
-    "cluster_bootstrap_union": "union bound of two request-resampling bootstrap intervals",
-    "union_bound": "union bound of the two values' intervals",
-    "single_measurement": "measured once (no sampling interval)",
-}
+# The methods here are named in kit.stats.intervals.METHODS (one list for the memo).
 
 
 def _half(confidence: float) -> float:

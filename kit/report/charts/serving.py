@@ -147,9 +147,12 @@ def error_chart(errors: pd.DataFrame) -> Any:
     )
 
 
-def tradeoff_chart(frame: pd.DataFrame, *, gain: str | None = None) -> Any:
+def tradeoff_chart(
+    frame: pd.DataFrame, *, gain: str | None = None, confidence: float = 0.95
+) -> Any:
     """Per candidate: quality change (with CI) against a serving gain (with CI), one panel
-    per gain; the lines mark no change in quality and no gain."""
+    per gain; the lines mark no change in quality and no gain. ``confidence`` is the study's
+    level, named in the title."""
     alt = _altair()
     _require(frame, _TRADE_COLUMNS, "tradeoff_chart")
     data = _finite(
@@ -183,5 +186,5 @@ def tradeoff_chart(frame: pd.DataFrame, *, gain: str | None = None) -> Any:
     return (
         layered.facet(column=alt.Column("gain:N", title=None))
         .resolve_scale(x="independent")
-        .properties(title="what is bought (x) and what is paid (y), 95% CIs")
+        .properties(title=f"what is bought (x) and what is paid (y), {confidence:.0%} CIs")
     )
