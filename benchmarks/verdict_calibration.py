@@ -37,7 +37,10 @@ A truth *on* the limit meets an inclusive rule (">=", "<=") and breaks a strict 
 Each error rate is continuous in the truth, so the rate of the other kind there is the
 supremum of that error as the truth approaches the limit from the other side: both count.
 A second table searches the nuisance parameters at the limit (every discordance level for
-difference rules; baseline level x churn for relative rules) for the worst error per n.
+difference rules; baseline level x churn for relative rules) for the worst error per n, and
+a third does the same for *every* n from 5 to 400 (every 10th to 1,500 for differences; every
+n to 200 and every 20th to 400 for relative rules): discrete outcomes make the error
+saw-tooth in n, so the eight sizes of the main table alone can miss the worst n.
 
 Methods (all exact)
 -------------------
@@ -90,6 +93,7 @@ from kit.stats.intervals import (
     paired_ratio_ci,
     proportion_ci,
     tang_statistic,
+    tango_statistic,
     z_value,
 )
 from kit.stats.power import MAX_ITEMS, PLANNED_POWER, paired_null_variance
@@ -225,7 +229,7 @@ def limit_truths(kind: Kind) -> Iterator[tuple[str, tuple[float, ...]]]:
             yield f"b {pb * 100:.2f}% c {pc * 100:.2f}%", (pb, pc, 1 - pb - pc)
     elif kind.family == "ratio":
         for base in (0.1, 0.3, 0.5, 0.7, 0.9):
-            for h in (0.0, 0.001, 0.01, 0.03, 0.1, 0.2, 0.3, 0.4):
+            for h in (0.0, 0.001, 0.003, 0.006, 0.01, 0.02, 0.03, 0.1, 0.2, 0.3, 0.4):
                 cells = paired_cells(base, t * base, h)
                 if cells is not None:
                     yield f"base {base:.1f} churn {h * 100:g}+{h * 100:g}", cells
@@ -237,14 +241,19 @@ _JUDGE = np.frompyfunc(judge, 4, 1)
 _CODES = {"pass": PASS, "fail": FAIL, "inconclusive": UNDECIDED}
 
 
+#: Overrides of the paired intervals' keyword arguments (``--cc``: measure a proposal). Empty:
+#: the kit's defaults, i.e. exactly what the evidence carries.
+PAIRED_KW: dict[str, float] = {}
+
+
 def kit_interval(family: str, counts: np.ndarray, n) -> tuple[np.ndarray, np.ndarray]:
     """The interval the kit's evidence carries for these counts (rows of the family's cells)."""
     k = counts.astype(np.float64)
     if family == "proportion":
         return proportion_ci(k[:, 0], n, confidence=CONFIDENCE)
     if family == "difference":
-        return paired_difference_ci(k[:, 0], k[:, 1], n, confidence=CONFIDENCE)
-    return paired_ratio_ci(k[:, 0], k[:, 1], k[:, 2], n, confidence=CONFIDENCE)
+        return paired_difference_ci(k[:, 0], k[:, 1], n, confidence=CONFIDENCE, **PAIRED_KW)
+    return paired_ratio_ci(k[:, 0], k[:, 1], k[:, 2], n, confidence=CONFIDENCE, **PAIRED_KW)
 
 
 def judge_codes(rule: Rule, low, high) -> np.ndarray:
@@ -258,20 +267,28 @@ def kit_verdicts(kind: Kind, counts: np.ndarray, n) -> np.ndarray:
     return judge_codes(kind.rule, *kit_interval(kind.family, counts, n))
 
 
-def score_test_verdicts(rule: Rule, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Relative-change verdicts from Tang's statistic at the limit (the interval's dual), and
-    the statistic."""
-    op, t = rule.bound.op, rule.bound.threshold
+def score_test_verdicts(kind: Kind, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Verdicts of a paired rule from the score statistic at its limit, and the statistic.
+
+    The kit's interval inverts that statistic (Tango's for a change, Tang's for a relative
+    change), which decreases in the hypothesised value, so ``low >= limit`` iff the statistic
+    at the limit is >= z and ``high < limit`` iff it is < -z: one evaluation per outcome
+    instead of two root searches. :class:`ShortcutCheck` compares it with the kit's path.
+    """
+    op, t = kind.rule.bound.op, kind.rule.bound.threshold
     if op not in (">=", "<="):
         raise ValueError(f"score-test verdicts cover '>=' and '<=' rules, not {op!r}")
-    tol = 1e-9 * max(1.0, abs(t))  # judge's tolerance on the limit
+    at = t + (-1e-9 if op == ">=" else 1e-9) * max(1.0, abs(t))  # judge's tolerance
     k = counts.astype(np.float64)
-    stat = tang_statistic(1 + t + (-tol if op == ">=" else tol), k[:, 0], k[:, 1], k[:, 2], n)
-    up, down = stat >= Z, stat < -Z
-    if op == "<=":
-        up, down = stat <= -Z, stat > Z
+    if kind.family == "difference":
+        stat = tango_statistic(at, k[:, 0], k[:, 1], n, **PAIRED_KW)
+    else:
+        stat = tang_statistic(1 + at, k[:, 0], k[:, 1], k[:, 2], n, **PAIRED_KW)
+    up, down = (stat >= Z, stat < -Z) if op == ">=" else (stat <= -Z, stat > Z)
     out = np.where(up, PASS, np.where(down, FAIL, UNDECIDED)).astype(np.int8)
-    return np.where(k[:, 0] + k[:, 1] > 0, out, UNDECIDED), stat  # baseline 0: undefined
+    if kind.family == "ratio":  # a baseline rate of 0 leaves the relative change undefined
+        out = np.where(k[:, 0] + k[:, 1] > 0, out, UNDECIDED).astype(np.int8)
+    return out, stat
 
 
 def kit_measure(kind: Kind, row: np.ndarray, n: int, low: float, high: float) -> Measure:
@@ -313,20 +330,21 @@ def outcome_space(family: str, n: int) -> np.ndarray:
 
 
 def box_space(n: int, probs: tuple[float, ...]) -> Iterator[np.ndarray]:
-    """Paired outcomes within BOX_SD standard deviations (+BOX_PAD) of the mean, in chunks."""
-    p = np.asarray(probs[:3])
+    """Outcomes within BOX_SD standard deviations (+BOX_PAD) of the mean in every cell but the
+    last (which takes the rest), in chunks."""
+    p = np.asarray(probs[:-1])
     mu, sd = n * p, np.sqrt(n * p * (1 - p))
     pad = np.where(p > 0, BOX_PAD, 0)  # a cell of probability 0 only ever counts 0
     lo = np.maximum(np.floor(mu - BOX_SD * sd) - pad, 0).astype(int)
     hi = np.minimum(np.ceil(mu + BOX_SD * sd) + pad, n).astype(int)
-    b, c = np.meshgrid(np.arange(lo[1], hi[1] + 1), np.arange(lo[2], hi[2] + 1), indexing="ij")
-    b, c = b.ravel(), c.ravel()
+    axes = np.meshgrid(*(np.arange(a, b + 1) for a, b in zip(lo[1:], hi[1:], strict=True)))
+    tail = np.stack([a.ravel() for a in axes], axis=1)
     rows, size = [], 0
-    for both in range(lo[0], hi[0] + 1):
-        keep = both + b + c <= n
-        rows.append(np.stack([np.full(keep.sum(), both), b[keep], c[keep],
-                              n - both - b[keep] - c[keep]], axis=1))  # fmt: skip
-        size += rows[-1].shape[0]
+    for first in range(lo[0], hi[0] + 1):
+        part = tail[first + tail.sum(axis=1) <= n]
+        lead = np.full((len(part), 1), first)
+        rows.append(np.hstack([lead, part, n - first - part.sum(axis=1, keepdims=True)]))
+        size += len(part)
         if size >= CHUNK:
             yield np.concatenate(rows).astype(np.int16)
             rows, size = [], 0
@@ -345,7 +363,7 @@ class ShortcutCheck:
 
     def __call__(self, kind: Kind, n: int, counts, verdict, stat, pmf) -> None:
         """Check outcomes drawn from ``pmf`` and from the shell where |statistic| is near z."""
-        rng = cell_rng(self.seed, "check", kind.key, n, int(counts[:, :3].sum()))
+        rng = cell_rng(self.seed, "check", kind.key, n, int(counts[:, :-1].sum()))
         shell = np.nonzero(np.abs(np.abs(stat) - Z) < 0.3)[0]
         picks = [rng.choice(len(pmf), size=self.per_box, p=pmf / pmf.sum())]
         if shell.size:
@@ -386,7 +404,7 @@ class Space:
             pmf = _pmf(part, space.log_coef(part), probs)
             keep = pmf >= 1e-15
             part, pmf = part[keep], pmf[keep]
-            verdict, stat = score_test_verdicts(kind.rule, part, n)
+            verdict, stat = score_test_verdicts(kind, part, n)
             space.add(part, verdict)
             check(kind, n, part, verdict, stat, pmf)
         return space
@@ -546,6 +564,18 @@ class Config:
     studies: int
     full_ratio_max_n: int
     seed: int
+    scan: dict[str, tuple[int, ...]] = field(default_factory=dict)  # family -> every-n sizes
+
+
+def scan_sizes(quick: bool) -> dict[str, tuple[int, ...]]:
+    """The sizes of the every-n scan: discreteness makes the error saw-tooth in n, so the
+    eight sizes of the main table can miss the worst n entirely."""
+    if quick:
+        return {"difference": tuple(range(5, 151)), "ratio": tuple(range(5, 61))}
+    return {
+        "difference": (*range(5, 401), *range(410, 1501, 10)),
+        "ratio": (*range(5, 201), *range(220, 401, 20)),
+    }
 
 
 def _progress(msg: str) -> None:
@@ -603,6 +633,52 @@ def calibrate(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Sh
                                "fail_when_meets": p_fail})  # fmt: skip
             _progress(f"  {kind.key:<12} n={n:<5} {time.perf_counter() - started:6.1f} s")
     return pd.DataFrame(cells), pd.DataFrame(search), pd.DataFrame(reruns), check
+
+
+def scan_every_n(cfg: Config, check: ShortcutCheck) -> pd.DataFrame:
+    """Worst error over the nuisance values at the limit, for every n of :func:`scan_sizes`
+    (box enumeration with score-test verdicts, checked like the main table's boxes)."""
+    rows = []
+    for kind in KINDS:
+        sizes = cfg.scan.get(kind.family, ())
+        started = time.perf_counter()
+        for n in sizes:
+            for what, probs in limit_truths(kind):
+                p_pass, p_fail, mass = Space.box(kind, n, probs, check).rates(probs)
+                rows.append({"kind": kind.key, "n": n, "nuisance": what, "mass": mass,
+                             "pass_when_breaks": p_pass, "fail_when_meets": p_fail})  # fmt: skip
+        if sizes:
+            _progress(f"  every-n scan {kind.key:<12} {time.perf_counter() - started:6.1f} s")
+    return pd.DataFrame(rows)
+
+
+def _runs(ns: list[int]) -> str:
+    """``[79, 80, 94, 95, 96]`` -> ``79-80, 94-96``."""
+    spans, start = [], None
+    for i, n in enumerate(ns):
+        if start is None:
+            start = n
+        if i + 1 == len(ns) or ns[i + 1] != n + 1:
+            spans.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(spans)
+
+
+def print_scan(scan: pd.DataFrame) -> None:
+    print("\n== every n: worst error over the nuisance values at the limit (percent; exact)")
+    for kind, g in scan.groupby("kind", sort=False):
+        per_n = g.groupby("n")[["pass_when_breaks", "fail_when_meets"]].max()
+        wp, wf = g.loc[g["pass_when_breaks"].idxmax()], g.loc[g["fail_when_meets"].idxmax()]
+        print(
+            f" {kind:<12} n={per_n.index.min()}..{per_n.index.max()} ({len(per_n)} sizes): "
+            f"pass-when-breaks {wp['pass_when_breaks'] * 100:.2f} (n={wp['n']}, {wp['nuisance']})"
+            f", fail-when-meets {wf['fail_when_meets'] * 100:.2f} (n={wf['n']}, "
+            f"{wf['nuisance']})"
+        )
+        for column in ("pass_when_breaks", "fail_when_meets"):
+            over = per_n.index[per_n[column] > NOMINAL + 1e-12].tolist()
+            if over:
+                print(f"   {column} > 2.5% at {len(over)} sizes: {_runs(over)}")
 
 
 # --------------------------------------------------------------------------- reporting
@@ -702,9 +778,22 @@ def _worst(cells: pd.DataFrame, search: pd.DataFrame, column: str) -> str:
     )
 
 
-def last_line(cells: pd.DataFrame, search: pd.DataFrame, summary: pd.DataFrame) -> str:
+def _scan_worst(scan: pd.DataFrame, column: str) -> str:
+    if scan.empty:
+        return ""
+    top = scan.loc[scan[column].idxmax()]
+    return (
+        f", every-n scan {top[column] * 100:.2f}% ({top['kind']}, n={top['n']}, {top['nuisance']})"
+    )
+
+
+def last_line(cells, search, scan, summary) -> str:
     errors = pd.concat([cells, search])[["pass_when_breaks", "fail_when_meets"]]
     over = int((errors > NOMINAL + 1e-12).sum().sum())
+    scan_over = 0
+    if not scan.empty:
+        per_n = scan.groupby(["kind", "n"])[["pass_when_breaks", "fail_when_meets"]].max()
+        scan_over = int((per_n > NOMINAL + 1e-12).any(axis=1).sum())
     rows = summary[summary["kind"] == "all"].set_index("margin_pts")
 
     def share(name: str) -> str:
@@ -714,9 +803,11 @@ def last_line(cells: pd.DataFrame, search: pd.DataFrame, summary: pd.DataFrame) 
         )
 
     return (
-        f"worst pass-when-breaks: {_worst(cells, search, 'pass_when_breaks')}; "
-        f"worst fail-when-meets: {_worst(cells, search, 'fail_when_meets')}; "
-        f"cells over 2.5%: {over}; "
+        f"worst pass-when-breaks: {_worst(cells, search, 'pass_when_breaks')}"
+        f"{_scan_worst(scan, 'pass_when_breaks')}; "
+        f"worst fail-when-meets: {_worst(cells, search, 'fail_when_meets')}"
+        f"{_scan_worst(scan, 'fail_when_meets')}; "
+        f"cells over 2.5%: {over} (every-n scan: {scan_over} kind x n over); "
         f"n_needed decides: {share('kit')} of {int(rows.loc['all', 'kit_with_n'])} reruns; "
         f"proposed predictive n_needed: {share('new')}"
     )
@@ -731,7 +822,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default=None, help="comma-separated n (default: the issue's)")
     p.add_argument("--seed", type=int, default=20240909)
     p.add_argument("--csv", default=None, help="write the per-cell frame here")
+    p.add_argument("--no-scan", action="store_true", help="skip the every-n scan")
+    p.add_argument("--cc", type=float, default=None,
+                   help="PROPOSAL: paired intervals with this continuity correction, not the kit's")  # fmt: skip
     a = p.parse_args(argv)
+    if a.cc is not None:
+        PAIRED_KW["cc"] = a.cc
     sizes = QUICK_SIZES if a.quick else SIZES
     cfg = Config(
         sizes=tuple(int(x) for x in a.sizes.split(",")) if a.sizes else sizes,
@@ -739,17 +835,23 @@ def main(argv: list[str] | None = None) -> None:
         studies=a.studies if a.studies is not None else (150 if a.quick else 400),
         full_ratio_max_n=min(a.full_ratio_max_n, 60) if a.quick else a.full_ratio_max_n,
         seed=a.seed,
+        scan={} if a.no_scan else scan_sizes(a.quick),
     )
     started = time.perf_counter()
     cells, search, reruns, check = calibrate(cfg)
+    scan = scan_every_n(cfg, ShortcutCheck(cfg.seed, per_box=40)) if cfg.scan else pd.DataFrame()
     summary = nn_summary(reruns)
     if a.csv:
         cells.to_csv(a.csv, index=False)
     print_cells(cells)
     print_issue_case(cells)
     print_limit(search)
+    if not scan.empty:
+        print_scan(scan)
     print_nn(summary)
-    boxes = pd.concat([cells, search])
+    if PAIRED_KW:
+        print(f"\nPROPOSAL, not the kit: paired intervals with {PAIRED_KW}")
+    boxes = pd.concat([cells, search, scan])
     boxes = boxes[boxes["method"] == "box"]
     if len(boxes):
         print(f"\nbox enumeration: probability enumerated >= {boxes['mass'].min():.7f}; "
@@ -758,7 +860,7 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - started
     print(f"{len(cells)} cells + {len(search)} at-limit cells, {len(reruns)} n_needed cells "
           f"in {elapsed:.0f} s")  # fmt: skip
-    print(last_line(cells, search, summary))
+    print(last_line(cells, search, scan, summary))
 
 
 if __name__ == "__main__":
