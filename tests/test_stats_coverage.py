@@ -12,6 +12,7 @@ Counts: ``b`` = items with baseline 1 and candidate 0, ``c`` = the reverse, ``bo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -57,15 +58,15 @@ def difference_rates(rule, n: int, pb: float, pc: float) -> tuple[float, float]:
     return rates(verdicts(rule, *paired_difference_ci(b, c, n)), pmf)
 
 
+@functools.cache
 def ratio_rates(rule, n: int, probs: tuple[float, float, float, float]) -> tuple[float, float]:
-    grid = np.array(
-        [
-            (x, b, c, n - x - b - c)
-            for x in range(n + 1)
-            for b in range(n + 1 - x)
-            for c in range(n + 1 - x - b)
-        ]
-    )
+    rows = []
+    for x in range(n + 1):
+        b, c = np.meshgrid(np.arange(n + 1 - x), np.arange(n + 1 - x), indexing="ij")
+        keep = b + c <= n - x
+        b, c = b[keep], c[keep]
+        rows.append(np.stack([np.full_like(b, x), b, c, n - x - b - c], axis=1))
+    grid = np.concatenate(rows)
     pmf = multinomial.pmf(grid, n, probs)
     return rates(verdicts(rule, *paired_ratio_ci(grid[:, 0], grid[:, 1], grid[:, 2], n)), pmf)
 
@@ -217,6 +218,42 @@ def test_relative_change_at_the_limit_larger_n_seeded_monte_carlo():
     words = verdicts(ACC_DROP_5_RELATIVE, low, high)
     for rate in ((words == "pass").mean(), (words == "fail").mean()):
         assert rate <= NOMINAL + 3 * math.sqrt(NOMINAL * (1 - NOMINAL) / reps)
+
+
+# --------------------------------------------------------------------------- between the sizes
+# Discrete outcomes make the error saw-tooth in n. The benchmark's every-n scan found that
+# with the continuity correction of 1/2 the wrong *fail* exceeds 2.5% at many n between its
+# eight sizes when almost every discordant pair goes one way (compression damage): Tango up
+# to 3.49% (n = 117, b = 5.63%, c = 0.63%), Tang up to 2.92% (n = 110, baseline 0.9, churn
+# 1%). The wrong *pass* stays under 2.5% there. A correction of 1 removes every excess the
+# scan found; until the kit adopts a fix these cases are expected to fail (strict: a fix makes
+# them pass, and then the marker must go).
+
+KNOWN_EXCESS = pytest.mark.xfail(
+    strict=True,
+    reason="cc = 1/2 errs above 2.5% on the fail side between the benchmark's sizes",
+)
+ONE_WAY_CHURN = (0.004, 0.0056, 0.007, 0.01, 0.02)
+
+
+@pytest.mark.parametrize("n", [79, 100, 117, 131, 146])
+def test_change_in_points_wrong_pass_stays_nominal_between_the_benchmark_sizes(n):
+    for h in ONE_WAY_CHURN:
+        assert difference_rates(ACC_DROP_5_POINTS, n, 0.05 + h, h)[0] <= NOMINAL
+
+
+@KNOWN_EXCESS
+def test_change_in_points_wrong_fail_at_n_117_one_way_discordance():
+    assert difference_rates(ACC_DROP_5_POINTS, 117, 0.05 + 0.0056, 0.0056)[1] <= NOMINAL
+
+
+@KNOWN_EXCESS
+def test_relative_change_wrong_fail_at_n_110_one_way_discordance():
+    assert ratio_rates(ACC_DROP_5_RELATIVE, 110, paired(0.9, 0.055, 0.01))[1] <= NOMINAL
+
+
+def test_relative_change_wrong_pass_stays_nominal_at_n_110():
+    assert ratio_rates(ACC_DROP_5_RELATIVE, 110, paired(0.9, 0.055, 0.01))[0] <= NOMINAL
 
 
 # --------------------------------------------------------------------------- the kit's path
