@@ -767,7 +767,7 @@ def print_nn(summary: pd.DataFrame) -> None:
     print(
         "\n== n_needed honesty: inconclusive studies rerun once with the items n_needed says"
         "\n   kit = kit.budget.judge.items_needed (80% power at the observed rates);"
-        " proposed = predictive_items (80% predictive power)"
+        " proposed = predictive_items_to_decide (80% predictive power)"
     )
     print(
         f"{'kind':<12} {'margin':>6} {'n':>5} {'undecided':>9} | {'kit: with n':>11} "

@@ -174,6 +174,26 @@ def test_tang_statistic_decreases_in_the_hypothesised_ratio():
     assert np.all(np.diff(values, axis=0) <= 1e-9)
 
 
+@pytest.mark.parametrize("cc", [0.0, 0.5, 1.0, 2.0])
+def test_lower_bounds_never_sit_on_the_estimate(cc):
+    """Regression: with cc >= 1 the corrected score can stay below z for every value below the
+    estimate; the root search then returned the estimate itself as the lower bound (b = 9,
+    c = 0, n = 10: [-0.9, -0.24]; Tang with 1 success each of 10: [0, 10.3]), an interval
+    that passes "cannot drop" rules on no evidence. Nothing rejected down to -1 means -1."""
+    b, c = _paired_grid(12)
+    low, high = paired_difference_ci(b, c, 12, cc=cc)
+    est = (c - b) / 12
+    assert np.all((low < est) | (est == -1)) and np.all((high > est) | (est == 1))
+    assert paired_difference_ci(9, 0, 10, cc=cc)[0] < -0.9
+    both, bb, cc_ = np.meshgrid(np.arange(4), np.arange(6), np.arange(6), indexing="ij")
+    keep = (both + cc_ > 0) & (both + bb > 0)
+    both, bb, cc_ = (v[keep].astype(float) for v in (both, bb, cc_))
+    rlow, rhigh = paired_ratio_ci(both, bb, cc_, 14, cc=cc)
+    rel = (cc_ - bb) / (both + bb)
+    assert np.all(rlow < rel) and np.all(rhigh > rel)
+    assert paired_ratio_ci(0, 1, 1, 10, cc=cc)[0] < -0.85
+
+
 def test_difference_is_antisymmetric_in_the_direction_of_change():
     b, c = _paired_grid(15)
     lo, hi = paired_difference_ci(b, c, 15)

@@ -215,7 +215,10 @@ def paired_difference_ci(
         np.minimum(est, 1 - _EPS),
         np.full_like(est, 1 - _EPS),
     )
-    low = np.where((est <= -1 + _EPS) | (n == 0), -1.0, low)
+    # _bisect needs a sign change: where even -1 is not rejected (with cc >= 1 the corrected
+    # score can stay below z all the way down) it would return the estimate; the bound is -1.
+    unrejected = tango_statistic(-1 + _EPS, b, c, safe, cc=cc) <= z
+    low = np.where((est <= -1 + _EPS) | (n == 0) | unrejected, -1.0, low)
     high = np.where((est >= 1 - _EPS) | (n == 0), 1.0, high)
     return _out(np.minimum(low, est), np.maximum(high, est), scalar)
 
@@ -289,7 +292,9 @@ def paired_ratio_ci(
         est,
         np.full_like(est, 28.0),
     )
-    low = np.where(cand == 0, -1.0, np.exp(lo) - 1)
+    # as in paired_difference_ci: no ratio down to e^-28 rejected (possible with cc >= 1): -1
+    unrejected = tang_statistic(np.exp(-28.0), x11, b, c, safe_n, cc=cc) <= z
+    low = np.where((cand == 0) | unrejected, -1.0, np.exp(lo) - 1)
     high = np.where(base == 0, np.inf, np.exp(hi) - 1)
     low = np.where(base == 0, -np.inf, low)
     return _out(low, high, scalar)
