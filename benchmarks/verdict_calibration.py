@@ -70,9 +70,10 @@ items at which a fresh study decides with 80% probability averaged over the plau
 N(estimate, s.e.^2), instead of at the estimate alone; Spiegelhalter, Freedman & Blackburn
 1986). On the limit no sample size decides and the kit says so.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/verdict_calibration.py`` (about 4 minutes on
-2 cores; ``--quick`` for a smaller grid in about 30 s; ``--csv PATH`` writes the per-cell
-frame). The last line names the worst cell of each error kind and the n_needed share.
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/verdict_calibration.py`` (about 250 s of CPU:
+6 minutes wall on the shared 2-core machine; ``--quick`` for a smaller grid, about a minute
+of CPU; ``--no-scan`` skips the every-n scan; ``--csv PATH`` writes the per-cell frame). The
+last line names the worst cell of each error kind and the n_needed share.
 """
 
 from __future__ import annotations
@@ -829,7 +830,7 @@ def last_line(cells, search, scan, summary) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller grid (about 30 s)")
+    p.add_argument("--quick", action="store_true", help="smaller grid (about a minute)")
     p.add_argument("--studies", type=int, default=None, help="n_needed studies per cell")
     p.add_argument("--full-ratio-max-n", type=int, default=120,
                    help="enumerate the whole outcome space of relative rules up to this n")  # fmt: skip
