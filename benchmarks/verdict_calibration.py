@@ -10,9 +10,9 @@ kind          sentence judged                                 interval the evide
 ============  ==============================================  ===================================
 absolute <    JSON parse failures must stay under 5 percent   Clopper–Pearson, candidate's rate
 absolute >=   accuracy must stay at or above 60 percent       Clopper–Pearson, candidate's rate
-points        accuracy cannot drop by more than 5 points      Tango (cc 1/2), paired change
-relative      accuracy may drop at most 5 percent relative    Tang (cc 1/2), paired ratio
-no increase   unsafe compliance must not increase             Tango (cc 1/2), paired change
+points        accuracy cannot drop by more than 5 points      Tango (cc 1), paired change
+relative      accuracy may drop at most 5 percent relative    Tang (cc 1), paired ratio
+no increase   unsafe compliance must not increase             Tango (cc 1), paired change
 ============  ==============================================  ===================================
 
 Each sentence goes through :func:`kit.budget.grammar.parse_rule`; each simulated study through
@@ -55,20 +55,20 @@ statistics decrease in the hypothesised value, ``tests/test_stats_intervals.py``
 against the kit's interval + judge on outcomes sampled from every box, near the decision
 boundary and by probability; disagreements are counted and printed (expected: 0).
 
-``--cc X`` measures a *proposal*: the paired intervals with continuity correction X instead of
-the kit's default (the output says so); without it the benchmark measures the kit as it is.
+``--cc X`` measures the paired intervals with continuity correction X instead of the kit's
+default of 1 (the output says so; ``--cc 0.5`` is the correction the kit used before); without
+it the benchmark measures the kit as it is.
 
 ``n_needed`` honesty
 --------------------
 Per cell off the limit, ``--studies`` seeded studies are drawn; for each that comes out
 inconclusive the kit's :func:`kit.budget.judge.items_needed` (from the
-:class:`~kit.budget.judge.Measure` the judge builds) gives the items that would decide it, and
-the same truth is rerun once with that many items. The share of reruns that then decide the
-rule ("most cases" = more than half) is reported by rule kind, margin and n, next to the same
-share for a *proposed* alternative sized by predictive power (:func:`predictive_items_to_decide`: the
-items at which a fresh study decides with 80% probability averaged over the plausible truths,
-N(estimate, s.e.^2), instead of at the estimate alone; Spiegelhalter, Freedman & Blackburn
-1986). On the limit no sample size decides and the kit says so.
+:class:`~kit.budget.judge.Measure` the judge builds; 80% *predictive* power, averaged over
+the truths the study leaves plausible, Spiegelhalter, Freedman & Blackburn 1986) gives the
+items that would decide it, and the same truth is rerun once with that many items. The share
+of reruns that then decide the rule is reported by rule kind, margin and n, next to the same
+share for the plug-in figure the kit printed before (:func:`plugin_items`: 80% power if the
+estimate were the truth).
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/verdict_calibration.py`` (about 250 s of CPU:
 6 minutes wall on the shared 2-core machine; ``--quick`` for a smaller grid, about a minute
@@ -79,17 +79,17 @@ last line names the worst cell of each error kind and the n_needed share.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from scipy.special import gammaln, ndtr
+from scipy.special import gammaln
 
 from kit.budget.grammar import Rule, parse_rule
 from kit.budget.judge import Measure, items_needed, judge
@@ -467,65 +467,19 @@ def plan_inputs(kind: Kind, rule: Rule, m: Measure) -> tuple[float, float, float
     return delta, limit, max((b + c) / m.n - delta**2, null, 1e-12)
 
 
-def _assurance(k: np.ndarray, t: np.ndarray, z: float) -> np.ndarray:
-    """P(a study k^2 times larger decides), averaged over u ~ N(t, 1) (truth in s.e. units)."""
-    s = np.linspace(-8, 8, 641)
-    w = np.exp(-(s**2) / 2)
-    w /= w.sum()
-    u = np.abs(t[:, None] + s[None, :])
-    decide = ndtr(k[:, None] * u - z) + ndtr(-k[:, None] * u - z)
-    return (decide * w).sum(axis=1)
-
-
-@functools.cache
-def _predictive_k(confidence: float, power: float) -> tuple[np.ndarray, np.ndarray]:
-    """(|t| grid, sqrt(N / n)) at which a fresh study reaches ``power`` predictive power."""
-    grid, z = np.linspace(0, 6, 601), z_value(confidence)
-    lo, hi = np.zeros_like(grid), np.full_like(grid, math.log(1e5))
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        ok = _assurance(np.exp(mid), grid, z) >= power
-        lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
-    return grid, np.exp(hi)
-
-
-def predictive_items_to_decide(
-    *,
-    estimate: float,
-    limit: float,
-    variance: float,
-    null_variance: float,
-    n: float,
-    confidence: float = 0.95,
-    power: float = PLANNED_POWER,
-) -> float:
-    """PROPOSED replacement of :func:`kit.stats.power.items_to_decide` (same arguments).
-
-    Items at which a fresh study decides the rule with probability ``power`` *averaged over
-    the truths this study leaves plausible*, N(estimate, variance / n) (predictive power,
-    Spiegelhalter, Freedman & Blackburn 1986), instead of with ``power`` if the truth *is*
-    the estimate. An undecided study's estimate is often far from the truth (it was selected
-    for being undecided), so the plug-in figure promises too small a rerun; an estimate on
-    the limit (0 events under "must not increase") still gets a figure. The per-item variance
-    is ``max(variance, null_variance)`` as in ``items_to_decide``; NaN above ``MAX_ITEMS``.
-    """
-    var = max(variance, null_variance, 1e-12)
-    if not (math.isfinite(n) and n > 0 and math.isfinite(estimate)):
-        return math.nan
-    grid, k = _predictive_k(confidence, power)
-    t = abs(estimate - limit) / math.sqrt(var / n)
-    items = math.ceil(n * float(np.interp(t, grid, k)) ** 2)
-    return float(max(items, int(n) + 1)) if items <= MAX_ITEMS else math.nan
-
-
-def predictive_items(kind: Kind, rule: Rule, m: Measure) -> float:
-    """:func:`predictive_items_to_decide` from the inputs ``items_needed`` uses."""
+def plugin_items(kind: Kind, rule: Rule, m: Measure) -> float:
+    """The figure the kit printed before it sized reruns by predictive power: 80% plain
+    power *if the estimate is the truth*, ``(z_conf + z_power)^2 * variance / margin^2``
+    (no figure on the limit)."""
     if not (math.isfinite(m.n) and m.n > 0 and math.isfinite(m.estimate)):
         return math.nan
     est, limit, var = plan_inputs(kind, rule, m)
-    return predictive_items_to_decide(
-        estimate=est, limit=limit, variance=var, null_variance=var, n=m.n, confidence=CONFIDENCE
-    )
+    margin = abs(est - limit)
+    if margin <= 1e-12:
+        return math.nan
+    z = z_value(CONFIDENCE) + NormalDist().inv_cdf(PLANNED_POWER)
+    items = math.ceil(z**2 * var / margin**2)
+    return float(max(items, int(m.n) + 1)) if items <= MAX_ITEMS else math.nan
 
 
 def _rerun(truth: Truth, sizes: list[float], rng) -> tuple[int, int, int, float]:
@@ -544,7 +498,7 @@ def _rerun(truth: Truth, sizes: list[float], rng) -> tuple[int, int, int, float]
 
 
 def n_needed_reruns(truth: Truth, n: int, studies: int, seed: int) -> dict[str, float]:
-    """Rerun each inconclusive study with the kit's (and the proposed) n_needed items."""
+    """Rerun each inconclusive study with the kit's (and the plug-in) n_needed items."""
     kind, rule = truth.kind, truth.kind.rule
     rng = cell_rng(seed, "nn", truth.label(), n)
     counts = rng.multinomial(n, truth.probs, size=studies)
@@ -558,7 +512,7 @@ def n_needed_reruns(truth: Truth, n: int, studies: int, seed: int) -> dict[str, 
             m = kit_measure(kind, counts[i], n, float(low[i]), float(high[i]))
             cache[key] = (
                 items_needed(rule, m, confidence=CONFIDENCE),
-                predictive_items(kind, rule, m),
+                plugin_items(kind, rule, m),
             )
         kit_n.append(cache[key][0])
         new_n.append(cache[key][1])
@@ -767,12 +721,12 @@ def nn_summary(reruns: pd.DataFrame) -> pd.DataFrame:
 def print_nn(summary: pd.DataFrame) -> None:
     print(
         "\n== n_needed honesty: inconclusive studies rerun once with the items n_needed says"
-        "\n   kit = kit.budget.judge.items_needed (80% power at the observed rates);"
-        " proposed = predictive_items_to_decide (80% predictive power)"
+        "\n   kit = kit.budget.judge.items_needed (80% predictive power);"
+        " plug-in = 80% power at the observed rates (the kit's figure before)"
     )
     print(
         f"{'kind':<12} {'margin':>6} {'n':>5} {'undecided':>9} | {'kit: with n':>11} "
-        f"{'decides':>7} {'median N':>9} | {'proposed: with n':>16} {'decides':>7} {'median N':>9}"
+        f"{'decides':>7} {'median N':>9} | {'plug-in: with n':>16} {'decides':>7} {'median N':>9}"
     )
     for r in summary.itertuples():
         print(
@@ -824,7 +778,7 @@ def last_line(cells, search, scan, summary) -> str:
         f"{_scan_worst(scan, 'fail_when_meets')}; "
         f"cells over 2.5%: {over} (every-n scan: {scan_over} kind x n over); "
         f"n_needed decides: {share('kit')} of {int(rows.loc['all', 'kit_with_n'])} reruns; "
-        f"proposed predictive n_needed: {share('new')}"
+        f"plug-in n_needed (before): {share('new')}"
     )
 
 
@@ -839,7 +793,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--csv", default=None, help="write the per-cell frame here")
     p.add_argument("--no-scan", action="store_true", help="skip the every-n scan")
     p.add_argument("--cc", type=float, default=None,
-                   help="PROPOSAL: paired intervals with this continuity correction, not the kit's")  # fmt: skip
+                   help="paired intervals with this continuity correction instead of the kit's (1)")  # fmt: skip
     a = p.parse_args(argv)
     if a.cc is not None:
         PAIRED_KW["cc"] = a.cc
@@ -866,7 +820,7 @@ def main(argv: list[str] | None = None) -> None:
         print_scan(scan)
     print_nn(summary)
     if PAIRED_KW:
-        print(f"\nPROPOSAL, not the kit: paired intervals with {PAIRED_KW}")
+        print(f"\nNOT the kit's default: paired intervals with {PAIRED_KW}")
     boxes = pd.concat([cells[cells["method"] == "box"], search[search["method"] == "box"], scan])
     if len(boxes):
         checked, disagree = check.checked + scan_check.checked, check.disagree + scan_check.disagree

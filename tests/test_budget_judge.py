@@ -124,8 +124,8 @@ def test_no_increase_passes_only_on_a_measurable_decrease():
     safer = verdict(text, paired(500, b=40, c=0, x_base=50, column="unsafe_compliance"))
     worse = verdict(text, paired(500, b=0, c=40, x_base=50, column="unsafe_compliance"))
     assert same["verdict"] == "inconclusive"
-    assert "more items alone will not decide it" in same["reason"]
-    assert math.isnan(same["n_needed"])
+    assert "never passes" in same["reason"] and "needs a tolerance" in same["reason"]
+    assert same["n_needed"] > 500  # sized over the truths 500 unchanged items still allow
     assert safer["verdict"] == "pass" and worse["verdict"] == "fail"
 
 

@@ -222,17 +222,11 @@ def test_relative_change_at_the_limit_larger_n_seeded_monte_carlo():
 
 # --------------------------------------------------------------------------- between the sizes
 # Discrete outcomes make the error saw-tooth in n. The benchmark's every-n scan found that
-# with the continuity correction of 1/2 the wrong *fail* exceeds 2.5% at many n between its
+# with a continuity correction of 1/2 the wrong *fail* exceeded 2.5% at many n between its
 # eight sizes when almost every discordant pair goes one way (compression damage): Tango up
 # to 3.49% (n = 117, b = 5.63%, c = 0.63%), Tang up to 2.92% (n = 110, baseline 0.9, churn
-# 1%). The wrong *pass* stays under 2.5% there. A correction of 1 removes every excess the
-# scan found; until the kit adopts a fix these cases are expected to fail (strict: a fix makes
-# them pass, and then the marker must go).
+# 1%). The kit's correction of 1 removes every excess the scan found; these are those cells.
 
-KNOWN_EXCESS = pytest.mark.xfail(
-    strict=True,
-    reason="cc = 1/2 errs above 2.5% on the fail side between the benchmark's sizes",
-)
 ONE_WAY_CHURN = (0.004, 0.0056, 0.007, 0.01, 0.02)
 
 
@@ -242,12 +236,10 @@ def test_change_in_points_wrong_pass_stays_nominal_between_the_benchmark_sizes(n
         assert difference_rates(ACC_DROP_5_POINTS, n, 0.05 + h, h)[0] <= NOMINAL
 
 
-@KNOWN_EXCESS
 def test_change_in_points_wrong_fail_at_n_117_one_way_discordance():
     assert difference_rates(ACC_DROP_5_POINTS, 117, 0.05 + 0.0056, 0.0056)[1] <= NOMINAL
 
 
-@KNOWN_EXCESS
 def test_relative_change_wrong_fail_at_n_110_one_way_discordance():
     assert ratio_rates(ACC_DROP_5_RELATIVE, 110, paired(0.9, 0.055, 0.01))[1] <= NOMINAL
 

@@ -247,7 +247,7 @@ def test_identical_models_give_an_interval_around_zero_not_a_point():
         widths.append(high - low)
         rlow, rhigh = paired_ratio_ci(int(0.7 * n), 0, 0, n)
         assert rlow < 0 < rhigh
-    assert widths == sorted(widths, reverse=True) and widths[-1] < 0.035
+    assert widths == sorted(widths, reverse=True) and widths[-1] < 0.04  # +-1.9 pts at n = 300
     # the case: 8 items, none changed, is not enough for a 5-point limit
     assert paired_difference_ci(0, 0, 8)[0] < -0.05
 

@@ -189,7 +189,8 @@ def judge(low: float, high: float, op: Op, threshold: float) -> str:
 
 
 def items_needed(rule: Rule, m: Measure, *, confidence: float) -> float:
-    """Items at which the rule would be decided (80% power) if the observed rates held."""
+    """Items at which a fresh study would decide the rule with 80% predictive power
+    (:func:`kit.stats.power.items_to_decide`)."""
     t = rule.bound.threshold
     if not math.isfinite(m.n) or m.n <= 0 or not math.isfinite(m.estimate):
         return math.nan
@@ -450,8 +451,17 @@ def _reason(
         gap = f"{int(m.n):,} items leave the interval unbounded"
     if np.isfinite(n_needed):
         more = (
-            f"about {int(n_needed):,} items would decide it (80% power if the observed rates hold)"
+            f"about {int(n_needed):,} items would decide it (80% chance over the truths these "
+            "items still allow)"
         )
     else:
-        more = "the estimate sits on the limit, so more items alone will not decide it"
+        more = (
+            "no affordable number of items is likely to decide it (the truth may sit on the limit)"
+        )
+    if abs(m.estimate - rule.bound.threshold) <= 1e-12:
+        more += (
+            "; the estimate sits exactly on the limit, and a candidate whose truth is on it "
+            "(no change against a zero-tolerance rule) never passes: a rule that must pass "
+            "an unchanged model needs a tolerance"
+        )
     return f"{head} straddles the limit {limit}: {gap}, which cannot decide it; {more}"
