@@ -5,6 +5,14 @@ finished batch. A part is written to a temporary file, flushed and fsynced, then
 place (``os.replace`` is atomic on POSIX), so a process killed at any moment leaves either the
 whole part or none of it. On restart the finished ``(item_id, repeat)`` keys are read back and
 only the rest is run: nothing is lost and nothing is duplicated.
+
+Several processes may append to one store at once (the shards of a Ray run,
+:mod:`kit.execute_ray`): every append holds an exclusive lock on ``.append.lock`` in the store
+folder (``filelock``, an ``fcntl`` lock the kernel releases when its holder dies, also on
+``kill -9``) while it reads the parts other writers added, refuses or drops keys already stored,
+numbers its part and renames it into place. Part numbers are therefore never shared, and a key
+is never stored twice, whoever wrote it. Across machines this needs a shared filesystem with
+POSIX locks (NFSv4, Lustre, EFS); on one machine any local filesystem will do.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +31,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from kit.errors import CompkitError
 
@@ -38,6 +49,8 @@ def file_sha256(path: Path) -> str:
 
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
 KEY = ["item_id", "repeat"]
+#: How long an append waits for another writer's lock before it gives up (seconds).
+LOCK_TIMEOUT_S = 300.0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,39 +84,79 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 class OutputStore:
-    """Append-only store of one model's per-(item, repeat) rows."""
+    """Append-only store of one model's per-(item, repeat) rows; safe for several writers."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".part-*.tmp-*"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
         self._done: set[tuple[str, int]] | None = None  # read once, then kept up to date
+        self._seen: set[str] = set()  # part names whose keys are in _done
+        with self._locked():  # a temp file present while we hold the lock has no live writer
+            for stale in self.root.glob(".part-*.tmp-*"):
+                stale.unlink(missing_ok=True)
 
     @property
     def complete_marker(self) -> Path:
         return self.root / "_COMPLETE.json"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".append.lock"
+
+    def _locked(self) -> FileLock:
+        return FileLock(self.lock_file, timeout=LOCK_TIMEOUT_S, thread_local=False)
+
     def parts(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if _PART.match(p.name))
 
-    def append(self, frame: pd.DataFrame) -> Path | None:
-        """Atomically add rows; refuses keys that are already stored."""
+    def append(self, frame: pd.DataFrame, *, skip_stored: bool = False) -> Path | None:
+        """Atomically add rows; refuses keys that are already stored.
+
+        Parameters
+        ----------
+        frame
+            Rows with ``item_id`` and ``repeat`` columns.
+        skip_stored
+            Drop rows whose key another writer stored meanwhile instead of refusing them
+            (shards of a resumed run: the same key always gets the same request and seed).
+
+        Returns
+        -------
+        The part written, or ``None`` when no row was left to write.
+        """
         if frame.empty:
             return None
         missing = [c for c in KEY if c not in frame.columns]
         if missing:
             raise ValueError(f"rows need columns {KEY}; missing {missing}")
-        new_keys = set(zip(frame["item_id"], frame["repeat"], strict=True))
-        clash = self.done_keys() & new_keys
-        if clash:
+        try:
+            with self._locked():
+                return self._append_locked(frame, skip_stored=skip_stored)
+        except Timeout:
+            raise CompkitError(
+                f"{self.lock_file}: another writer held the store's lock for over "
+                f"{LOCK_TIMEOUT_S:.0f}s; is a filesystem lock server unreachable?"
+            ) from None
+
+    def _append_locked(self, frame: pd.DataFrame, *, skip_stored: bool) -> Path | None:
+        existing = self._refresh()
+        keys = list(zip(frame["item_id"], frame["repeat"], strict=True))
+        clash = self._done & set(keys)  # type: ignore[operator]  # _refresh() filled it
+        if clash and skip_stored:
+            frame = frame[[k not in clash for k in keys]]
+            keys = [k for k in keys if k not in clash]
+            if frame.empty:
+                return None
+        elif clash:
             raise CompkitError(
                 f"{self.root}: {len(clash)} row(s) already stored, e.g. {sorted(clash)[:3]}"
             )
-        existing = self.parts()
         number = int(_PART.match(existing[-1].name).group(1)) + 1 if existing else 0
         path = self.root / f"part-{number:06d}.parquet"
-        tmp = self.root / f".{path.name}.tmp-{os.getpid()}"
+        tmp = (
+            self.root
+            / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh)
@@ -111,23 +164,33 @@ class OutputStore:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(self.root)
-        self._done |= new_keys  # type: ignore[operator]  # done_keys() above filled it
+        self._done |= set(keys)  # type: ignore[operator]
+        self._seen.add(path.name)
         self.complete_marker.unlink(missing_ok=True)
         return path
 
-    def done_keys(self) -> set[tuple[str, int]]:
-        """Stored (item_id, repeat) keys; read from disk once per store object."""
+    def _refresh(self) -> list[Path]:
+        """Read the keys of parts not seen yet (other writers' too); returns every part."""
         if self._done is None:
-            keys: set[tuple[str, int]] = set()
-            for part in self.parts():
+            self._done = set()
+        parts = self.parts()
+        for part in parts:
+            if part.name not in self._seen:
                 t = pq.read_table(part, columns=KEY)
-                keys.update(
+                self._done.update(
                     zip(
                         t.column("item_id").to_pylist(), t.column("repeat").to_pylist(), strict=True
                     )
                 )
-            self._done = keys
-        return set(self._done)
+                self._seen.add(part.name)
+        return parts
+
+    def done_keys(self, *, refresh: bool = False) -> set[tuple[str, int]]:
+        """Stored (item_id, repeat) keys; read from disk once per store object, then kept up to
+        date by its own appends. ``refresh`` also reads parts other writers added since."""
+        if self._done is None or refresh:
+            self._refresh()
+        return set(self._done)  # type: ignore[arg-type]
 
     def read(self) -> pd.DataFrame:
         """All rows, in write order. A complete store is verified first (:meth:`verify`);
@@ -200,7 +263,7 @@ class OutputStore:
         """Remove every stored row (used by ``--force`` reruns)."""
         shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
-        self._done = set()
+        self._done, self._seen = set(), set()
 
 
 def now_iso() -> str:
