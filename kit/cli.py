@@ -46,6 +46,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         )
     for name, found in checked.sources.items():
         print(f"model {name}: {found}")
+    if checked.execution:
+        print(f"execution: {checked.execution}")
     return 0
 
 
@@ -120,7 +122,14 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if args.study is not None:
         _ensure_same_study(run, Path(args.study))
-    summary = run_candidates(run, only=args.only, force=args.force, progress=not args.quiet)
+    summary = run_candidates(
+        run,
+        only=args.only,
+        force=args.force,
+        progress=not args.quiet,
+        ray=args.ray,
+        workers=args.workers,
+    )
     print(summary.to_string(index=False) if not summary.empty else "no finished candidates")
     print(f"outcomes: {run / 'outcomes.parquet'}")
     return 0
@@ -314,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", action="append", metavar="NAME", help="run only this candidate (repeatable)"
     )
     p.add_argument("--force", action="store_true", help="discard and rerun finished candidates")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="ADDRESS",
+        help="shard each candidate over Ray actors (one model replica each): join the cluster "
+        "at ADDRESS ('auto', HOST:PORT, ray://HOST:10001), else the study's execution.address, "
+        "else start a local Ray (needs compkit[ray])",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="model replicas on Ray (default: the study's execution.workers, 2)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_candidates)
 

@@ -153,29 +153,106 @@ def run_model(
     )  # one stored part per batch: fine progress and resume
     plan.score_choices = score_choices and runtime.supports_choice_scoring
     total, initial = len(plan.keys()), len(plan.keys()) - len(todo)
-    bar = tqdm(
-        total=total,
-        initial=initial,
-        unit="item",
-        desc=f"{plan.model_name}",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    # relayed to `compkit run`'s terminal when a pipeline runs this kernel (kit.progress)
-    events = task_progress(plan.model_name, total=total, initial=initial)
-    try:
+    with RunProgress(plan.model_name, total=total, initial=initial, enabled=progress) as bar:
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             frame = _run_chunk(runtime, plan, chunk)
             store.append(frame)
             bar.update(len(chunk))
-            events.update(len(chunk))
-    finally:
-        bar.close()
-        events.close()
+    return finish_store(store, model=plan.model_name, repeats=plan.repeats)
+
+
+class RunProgress:
+    """A model's progress: a tqdm bar here, and events relayed to ``compkit run``'s terminal
+    when a pipeline runs this kernel (:mod:`kit.progress`)."""
+
+    def __init__(self, model: str, *, total: int, initial: int, enabled: bool = True):
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            unit="item",
+            desc=model,
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+        self.events = task_progress(model, total=total, initial=initial)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.events.update(n)
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+        self.events.close()
+
+
+def finish_store(store: OutputStore, *, model: str, repeats: int) -> pd.DataFrame:
+    """Every stored row of a model; marks its store complete (parts and their sha256)."""
     rows = store.read()
-    store.mark_complete(model=plan.model_name, rows=len(rows), repeats=plan.repeats)
+    store.mark_complete(model=model, rows=len(rows), repeats=repeats)
     return rows
+
+
+def chunk_keys(keys: Sequence[tuple[str, int]], size: int) -> list[list[tuple[str, int]]]:
+    """Cut ``keys`` (in plan order) into batches of ``size``: the batches a local run makes."""
+    return [list(keys[i : i + size]) for i in range(0, len(keys), size)]
+
+
+def run_chunk_isolated(
+    runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]]
+) -> pd.DataFrame:
+    """Rows of one batch, like a local run makes them; when the batch raises, its items are
+    run one at a time and an item that raises alone becomes an error row (``error_class``
+    ``runtime_error``, the exception in ``error``), so a bad item never stops a long run.
+
+    When every item of the batch raises alone, the plan's shortest other prompt is tried (its
+    result is not kept): if that raises too, the replica itself is broken (a lost device, a closed
+    model) and the batch's first exception is raised instead of storing error rows that a
+    rerun could not repair.
+    """
+    try:
+        return _run_chunk(runtime, plan, chunk)
+    except Exception as exc:  # a runtime failing on one item of the batch
+        batch_error = exc
+    frames, failures = [], 0
+    for key in chunk:
+        try:
+            frames.append(_run_chunk(runtime, plan, [key]))
+        except Exception as exc:
+            failures += 1
+            frames.append(_error_rows(plan, [key], exc))
+    inside = set(chunk)
+    probe = next((k for k in reversed(plan.keys()) if k not in inside), None)  # shortest first
+    if failures == len(chunk) and probe is not None:
+        try:
+            _run_chunk(runtime, plan, [probe])
+        except Exception:
+            raise batch_error from None
+    return pd.concat(frames, ignore_index=True)
+
+
+def _error_rows(plan: RunPlan, chunk: list[tuple[str, int]], exc: BaseException) -> pd.DataFrame:
+    created = now_iso()
+    rows = [
+        _row(
+            plan.model_name,
+            Generation(
+                item_id=i,
+                text="",
+                error=f"{type(exc).__name__}: {exc}"[:2000],
+                error_class="runtime_error",
+            ),
+            None,
+            r,
+            repeat_seed(plan.sampling.seed, r),
+            created,
+        )
+        for i, r in chunk
+    ]
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
 
 def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]]) -> pd.DataFrame:

@@ -143,6 +143,8 @@ class CandidateManifest(BaseModel):
     started_at: str
     finished_at: str
     wall_s: float
+    #: where it ran: ``{"engine": "local"}``, or the Ray settings, replicas and their nodes
+    execution: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: Path) -> CandidateManifest:

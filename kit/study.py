@@ -118,6 +118,64 @@ class CalibrationConfig(_Strict):
     )
 
 
+class ReplicaResources(_Strict):
+    """What one model replica (one Ray actor) reserves on the cluster."""
+
+    num_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        le=1024,
+        description="CPU cores per replica (its torch / llama.cpp threads)",
+    )
+    num_gpus: float = Field(
+        default=0.0, ge=0, le=64, description="GPUs per replica; 0.5 puts two replicas on a GPU"
+    )
+    memory_gb: float | None = Field(
+        default=None, gt=0, description="memory the scheduler reserves per replica (GiB)"
+    )
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per replica, e.g. {a100: 1}"
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, n in v.items() if not n > 0)
+        if bad:
+            raise ValueError(f"custom resources must be positive amounts; not {bad}")
+        return v
+
+
+class ExecutionConfig(_Strict):
+    """Where model runs execute (:mod:`kit.engines`): in this process (``local``, the default),
+    or sharded over Ray actors, one model replica per actor (``ray``). Results are the same."""
+
+    engine: str = Field(default="local", description="a name of kit.engines.ENGINES")
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to join ('auto', 'HOST:PORT', 'ray://HOST:10001'); "
+        "default: start a local Ray on this machine",
+    )
+    workers: int = Field(default=2, ge=1, le=4096, description="model replicas (Ray actors)")
+    resources: ReplicaResources = Field(default_factory=ReplicaResources)
+    start_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long to wait for replicas to be placed and loaded"
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from kit.engines import ENGINES  # metadata only: no engine is imported
+
+        if v not in ENGINES:
+            import difflib
+
+            close = difflib.get_close_matches(v, list(ENGINES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown engine {v!r}{hint}; available: {sorted(ENGINES)}")
+        return v
+
+
 class RecipeSpec(_Strict):
     """A compression recipe applied to a base model to make a candidate."""
 
@@ -442,6 +500,10 @@ class Study(_Strict):
     budget: Path | None = None
     serving: ServingConfig = Field(
         default_factory=ServingConfig, description="load profiles of stage 5 (serving)"
+    )
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig,
+        description="where model runs execute: local (default) or sharded over Ray actors",
     )
     # set by load_study, not by the YAML
     source: Path | None = Field(default=None, exclude=True)

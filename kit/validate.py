@@ -6,7 +6,9 @@ first: the study (keys, runtimes and their options), the eval set, every prompt,
 model's source, opened without running it (:meth:`kit.runtimes.base.Runtime.check_source`:
 predictions files fully read and matched to the eval set's ids, GGUF files and model folders
 present and readable, endpoints reachable and serving the model). A bad input fails in
-seconds, naming the model and the file or key, and nothing has been written.
+seconds, naming the model and the file or key, and nothing has been written. A study with
+``execution: {engine: ray}`` also has its engine checked (:func:`kit.engines.check_execution`):
+Ray installed, the cluster address reachable, a replica's resources available.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kit.engines import check_execution
 from kit.errors import CompkitError, Problem, ValidationError
 from kit.evalset import EvalSet
 from kit.recipes import check_recipe
@@ -29,6 +32,7 @@ class Validated:
     study: Study
     eval_set: EvalSet
     sources: dict[str, str] = field(default_factory=dict)
+    execution: str | None = None  # the engine, its cluster and replicas (None: local)
 
 
 def _models(study: Study) -> list[tuple[str, ModelSpec]]:
@@ -88,4 +92,5 @@ def validate_study(study_path: str | Path, *, sources: bool = True) -> Validated
     study, eval_set, _, _ = prepare(study_path)
     check_study_runtimes(study)
     found = check_sources(study, eval_set) if sources else {}
-    return Validated(study, eval_set, found)
+    engine = check_execution(study.execution, source=str(study.source)) if sources else None
+    return Validated(study, eval_set, found, engine)

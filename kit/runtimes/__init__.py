@@ -37,6 +37,9 @@ class RuntimeInfo:
     logprobs: bool  # can report token logprobs / score choices
     in_process: bool
     options: Options = field(default_factory=lambda: dict(_COMMON))
+    #: the option that sets the runtime's CPU threads (a Ray replica sets it to its cores
+    #: unless the study does); ``None``: the runtime follows ``OMP_NUM_THREADS``
+    threads_option: str | None = None
 
 
 RUNTIMES: dict[str, RuntimeInfo] = {
@@ -67,6 +70,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
             "verbose": bool,
             **_COMMON,
         },
+        threads_option="n_threads",
     ),
     "openai": RuntimeInfo(
         name="openai",
@@ -119,6 +123,14 @@ def runtime_class(name: str) -> type[Runtime]:
 def open_runtime(spec: ModelSpec, *, base_dir: Path | None = None) -> Runtime:
     """Instantiate the runtime a model spec names (loads the model)."""
     return runtime_class(spec.runtime)(spec, base_dir=base_dir)
+
+
+def with_threads(spec: ModelSpec, threads: int) -> ModelSpec:
+    """``spec`` running on ``threads`` CPU threads, unless its options already say how many."""
+    option = RUNTIMES[spec.runtime].threads_option if spec.runtime in RUNTIMES else None
+    if option is None or option in spec.options:
+        return spec
+    return spec.model_copy(update={"options": {**spec.options, option: threads}})
 
 
 def check_study_runtimes(study: Study) -> None:

@@ -12,8 +12,11 @@ disk, parameter count, timings). A finished candidate is not rerun unless ``forc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kit import scoring
+from kit.engines import engine_module, resolve_execution
 from kit.errors import CompkitError
 from kit.execute import RunPlan, run_model
 from kit.models import builtin_gguf_path
@@ -34,11 +38,11 @@ from kit.recipes import (
     model_footprint,
 )
 from kit.run import OUTCOMES, CandidateManifest, Run
-from kit.runtimes import check_study_runtimes, open_runtime
+from kit.runtimes import RUNTIMES, check_study_runtimes, open_runtime, with_threads
 from kit.runtimes.base import Runtime
 from kit.stages.freeze import require_unchanged
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
-from kit.study import ModelSpec, Study, load_study
+from kit.study import ExecutionConfig, ModelSpec, Study, load_study
 
 
 def models_cache(run_dir: Path) -> Path:
@@ -47,10 +51,14 @@ def models_cache(run_dir: Path) -> Path:
 
 
 def open_candidate(
-    spec: ModelSpec, study: Study, *, run_dir: Path
+    spec: ModelSpec, study: Study, *, run_dir: Path, save: bool = True
 ) -> tuple[Runtime, dict[str, int | None]]:
     """Open a candidate's runtime, applying its compression recipe; returns the runtime and
-    its footprint (``parameters``, ``size_bytes``, ``size_on_disk_bytes``)."""
+    its footprint (``parameters``, ``size_bytes``, ``size_on_disk_bytes``).
+
+    ``save=False`` keeps a float recipe's model in memory only (the Ray replicas other than
+    the first: one writer per folder); its size on disk is then unknown (``None``).
+    """
     if spec.recipe is None:
         runtime = open_runtime(spec, base_dir=study.root)
         ident = runtime.identity()
@@ -62,17 +70,35 @@ def open_candidate(
     info = check_recipe(spec.recipe, runtime=spec.runtime)
     if info.runtime == "llamacpp":
         return _open_gguf_recipe(spec, study, run_dir=run_dir)
-    return _open_torch_recipe(spec, study, run_dir=run_dir)
+    return _open_torch_recipe(spec, study, run_dir=run_dir, save=save)
 
 
-def _open_torch_recipe(spec: ModelSpec, study: Study, *, run_dir: Path):
+def open_candidate_replica(
+    spec: ModelSpec, study: Study, run_dir: Path, rank: int, threads: int
+) -> tuple[Runtime, dict[str, int | None]]:
+    """Open replica ``rank`` of a candidate in a Ray actor (the opener of
+    :func:`kit.execute_ray.run_model_on_ray`), on ``threads`` CPU threads; only replica 0
+    saves a recipe's model files."""
+    return open_candidate(with_threads(spec, threads), study, run_dir=run_dir, save=rank == 0)
+
+
+def prepare_candidate_files(spec: ModelSpec, study: Study, *, run_dir: Path) -> None:
+    """Make the files every replica opens, once, before replicas start (a requantized GGUF)."""
+    if spec.recipe is not None and check_recipe(spec.recipe, runtime=spec.runtime).runtime == (
+        "llamacpp"
+    ):
+        _requantized_gguf(spec, study, run_dir=run_dir)
+
+
+def _open_torch_recipe(spec: ModelSpec, study: Study, *, run_dir: Path, save: bool = True):
     from kit.runtimes.hf import TransformersRuntime
 
     base = TransformersRuntime(spec.model_copy(update={"recipe": None}), base_dir=study.root)
     model = apply_torch_recipe(base.model, spec.recipe)
     runtime = TransformersRuntime.from_model(model, base.tokenizer, spec, base_dir=study.root)
     footprint = model_footprint(model)
-    disk = _save_if_possible(model, base.tokenizer, models_cache(run_dir) / spec.name)
+    folder = models_cache(run_dir) / spec.name
+    disk = _save_if_possible(model, base.tokenizer, folder) if save else None
     return runtime, {**footprint, "size_on_disk_bytes": disk}
 
 
@@ -93,6 +119,22 @@ def _save_if_possible(model: Any, tokenizer: Any, folder: Path) -> int | None:
 
 
 def _open_gguf_recipe(spec: ModelSpec, study: Study, *, run_dir: Path):
+    target = _requantized_gguf(spec, study, run_dir=run_dir)
+    runtime = open_runtime(
+        spec.model_copy(update={"model": str(target.resolve()), "recipe": None}),
+        base_dir=study.root,
+    )
+    runtime.spec = spec  # rows and manifests carry the candidate's own spec
+    ident = runtime.identity()
+    return runtime, {
+        "parameters": ident.parameters,
+        "size_bytes": target.stat().st_size,
+        "size_on_disk_bytes": target.stat().st_size,
+    }
+
+
+def _requantized_gguf(spec: ModelSpec, study: Study, *, run_dir: Path) -> Path:
+    """The candidate's requantized GGUF in ``runs/NAME/models`` (made once, then reused)."""
     source = (
         builtin_gguf_path(spec.model.removeprefix("builtin:"))
         if spec.model.startswith("builtin:")
@@ -106,19 +148,11 @@ def _open_gguf_recipe(spec: ModelSpec, study: Study, *, run_dir: Path):
             f"candidate {spec.name!r}: recipe gguf_requant needs params.type (e.g. Q2_K)"
         )
     target = models_cache(run_dir) / f"{source.stem}.{str(qtype).upper()}.gguf"
-    print(f"requantizing {source.name} -> {target.name} with llama.cpp ...", flush=True)
-    gguf_requantize(source, target, type=str(qtype), threads=spec.recipe.params.get("threads"))
-    runtime = open_runtime(
-        spec.model_copy(update={"model": str(target.resolve()), "recipe": None}),
-        base_dir=study.root,
+    if not target.exists():
+        print(f"requantizing {source.name} -> {target.name} with llama.cpp ...", flush=True)
+    return gguf_requantize(
+        source, target, type=str(qtype), threads=spec.recipe.params.get("threads")
     )
-    runtime.spec = spec  # rows and manifests carry the candidate's own spec
-    ident = runtime.identity()
-    return runtime, {
-        "parameters": ident.parameters,
-        "size_bytes": target.stat().st_size,
-        "size_on_disk_bytes": target.stat().st_size,
-    }
 
 
 def select_candidates(study: Study, only: list[str] | None) -> list[ModelSpec]:
@@ -144,8 +178,17 @@ def run_candidates(
     only: list[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    ray: str | bool | None = None,
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """Run the study's candidates on the frozen inputs; returns one summary row per candidate.
+
+    Parameters
+    ----------
+    ray, workers
+        ``compkit candidates --ray [ADDRESS] --workers N``: run on Ray (at ``ADDRESS``, else the
+        study's ``execution.address``, else a local Ray), overriding the study's ``execution:``
+        (:func:`kit.engines.resolve_execution`).
 
     Raises :class:`~kit.stages.freeze.FrozenInputsChanged` (with the drift report) when a frozen
     input changed.
@@ -156,15 +199,44 @@ def run_candidates(
     study = load_study(manifest.inputs.study_file)
     check_study_runtimes(study)
     specs = select_candidates(study, only)
-    for spec in tqdm(
-        specs, desc="candidates", unit="model", disable=not progress or len(specs) < 2
-    ):
-        _run_one(spec, study, frozen, force=force, progress=progress)
+    execution = resolve_execution(study.execution, ray=ray, workers=workers)
+    with _engine_session(execution, specs):
+        for spec in tqdm(
+            specs, desc="candidates", unit="model", disable=not progress or len(specs) < 2
+        ):
+            _run_one(spec, study, frozen, execution, force=force, progress=progress)
     write_outcomes(frozen)
     return candidate_summary(run_dir)
 
 
-def _run_one(spec: ModelSpec, study: Study, frozen: Run, *, force: bool, progress: bool) -> None:
+def _sharded(execution: ExecutionConfig, spec: ModelSpec) -> bool:
+    """Whether ``spec`` runs on Ray replicas: an in-process runtime under ``engine: ray``.
+    Served and file runtimes run here (an endpoint scales behind its own URL)."""
+    return execution.engine == "ray" and RUNTIMES[spec.runtime].in_process
+
+
+@contextlib.contextmanager
+def _engine_session(execution: ExecutionConfig, specs: list[ModelSpec]) -> Iterator[None]:
+    """One Ray session for the whole stage (a local Ray starts once, not per candidate)."""
+    if not any(_sharded(execution, s) for s in specs):
+        yield
+        return
+    engine_module(execution.engine, purpose=f"execution.engine {execution.engine!r}")
+    from kit.execute_ray import ray_session
+
+    with ray_session(execution.address):
+        yield
+
+
+def _run_one(
+    spec: ModelSpec,
+    study: Study,
+    frozen: Run,
+    execution: ExecutionConfig,
+    *,
+    force: bool,
+    progress: bool,
+) -> None:
     run_dir = frozen.run_dir
     store = OutputStore(run_dir / "outputs" / spec.name)
     stamp = store.root / "_SPEC.json"
@@ -184,21 +256,19 @@ def _run_one(spec: ModelSpec, study: Study, frozen: Run, *, force: bool, progres
         stamp, {"fingerprint": spec.fingerprint(), "spec": spec.model_dump(mode="json")}
     )
     started, t0 = now_iso(), time.perf_counter()
-    runtime, footprint = open_candidate(spec, study, run_dir=run_dir)
-    try:
-        plan = RunPlan.from_prompts(
-            model_name=spec.name,
-            items=frozen.eval_set.items,
-            prompts=frozen.prompts,
-            continuations=frozen.continuations,
-            runtime=runtime,
-            sampling=frozen.sampling,
-            repeats=frozen.manifest.inputs.repeats,
+    if _sharded(execution, spec):
+        rows, identity, footprint, record = _run_on_ray(
+            spec, study, frozen, store, execution, progress=progress
         )
-        rows = run_model(runtime, plan, store, score_choices=spec.score_choices, progress=progress)
-        identity = asdict(runtime.identity())
-    finally:
-        runtime.close()
+    else:
+        if execution.engine != "local":
+            print(
+                f"candidate {spec.name!r}: the {spec.runtime} runtime is not in-process; it runs "
+                "here (scale an endpoint behind its URL, e.g. vLLM data parallel)",
+                flush=True,
+            )
+        rows, identity, footprint = _run_here(spec, study, frozen, store, progress=progress)
+        record = {"engine": "local"}
     cm = CandidateManifest(
         name=spec.name,
         spec=spec.model_dump(mode="json"),
@@ -214,8 +284,60 @@ def _run_one(spec: ModelSpec, study: Study, frozen: Run, *, force: bool, progres
         started_at=started,
         finished_at=now_iso(),
         wall_s=round(time.perf_counter() - t0, 3),
+        execution=record,
     )
     atomic_write_text(run_dir / "candidates" / f"{spec.name}.json", cm.model_dump_json(indent=2))
+
+
+def _run_here(spec: ModelSpec, study: Study, frozen: Run, store: OutputStore, *, progress: bool):
+    """The local engine: one replica in this process."""
+    runtime, footprint = open_candidate(spec, study, run_dir=frozen.run_dir)
+    try:
+        plan = RunPlan.from_prompts(
+            model_name=spec.name,
+            items=frozen.eval_set.items,
+            prompts=frozen.prompts,
+            continuations=frozen.continuations,
+            runtime=runtime,
+            sampling=frozen.sampling,
+            repeats=frozen.manifest.inputs.repeats,
+        )
+        rows = run_model(runtime, plan, store, score_choices=spec.score_choices, progress=progress)
+        identity = asdict(runtime.identity())
+    finally:
+        runtime.close()
+    return rows, identity, footprint
+
+
+def _run_on_ray(
+    spec: ModelSpec,
+    study: Study,
+    frozen: Run,
+    store: OutputStore,
+    execution: ExecutionConfig,
+    *,
+    progress: bool,
+):
+    """The ray engine: ``execution.workers`` replicas, each opening the candidate itself."""
+    from kit.execute_ray import PlanInputs, run_model_on_ray
+
+    prepare_candidate_files(spec, study, run_dir=frozen.run_dir)
+    result = run_model_on_ray(
+        opener=functools.partial(open_candidate_replica, spec, study, frozen.run_dir),
+        inputs=PlanInputs(
+            model_name=spec.name,
+            items=frozen.eval_set.items,
+            prompts=frozen.prompts,
+            continuations=frozen.continuations,
+            sampling=frozen.sampling,
+            repeats=frozen.manifest.inputs.repeats,
+        ),
+        store=store,
+        execution=execution,
+        score_choices=spec.score_choices,
+        progress=progress,
+    )
+    return result.rows, result.identity, result.footprint, result.execution
 
 
 def score_run(run: Run, *, sources=()) -> pd.DataFrame:
