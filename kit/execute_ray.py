@@ -105,6 +105,8 @@ def import_ray(*, local: bool) -> Any:
 def ray_session(address: str | None) -> Iterator[Any]:
     """Ray, connected: the session this process already has, the cluster at ``address``, or
     a local Ray started here (bound to 127.0.0.1). Shuts down only what it started."""
+    if address is not None:
+        probe_address(address, key="execution.address")
     ray = import_ray(local=address is None)
     if ray.is_initialized():
         yield ray
@@ -112,7 +114,6 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if address is None:
         ray.init(include_dashboard=False, configure_logging=False)
     else:
-        probe_address(address, key="--ray / execution.address")
         import kit
 
         try:
@@ -531,12 +532,20 @@ def _drop(ray, sched: _Schedule, replica: _Replica, exc, batch, *, model) -> Non
 
 def _reason(exc: BaseException) -> str:
     """The useful line of a Ray error: the exception raised in the actor, if any."""
-    cause = getattr(exc, "cause", None) or getattr(exc, "base_exception", None)
+    cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and cause is not exc:
-        return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+        return _reason(cause)
+    if not isinstance(exc, ray_error_types()):
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     tail = [ln for ln in lines if "Error" in ln.split(":")[0]]
     return (tail[-1] if tail else lines[0] if lines else type(exc).__name__).strip()[:500]
+
+
+def ray_error_types() -> tuple[type, ...]:
+    import ray
+
+    return (ray.exceptions.RayError,)
 
 
 def _all_failed(sched: _Schedule, store: OutputStore, inputs: PlanInputs) -> CompkitError:
