@@ -7,7 +7,13 @@ refuses to start when ``compkit check`` would fail.
 
 Per candidate it writes ``outputs/<name>/`` (crash-safe parts, resumable) and
 ``candidates/<name>.json`` (:class:`CandidateManifest`: spec, recipe, identity, size on
-disk, parameter count, timings). A finished candidate is not rerun unless ``force``.
+disk, parameter count, timings, where it ran). A finished candidate is not rerun unless
+``force``.
+
+Where a candidate runs is the study's ``execution:`` (:mod:`kit.engines`), overridden by
+``--ray`` / ``--workers``: here (``local``), or on Ray replicas (``ray``,
+:func:`kit.execute_ray.run_model_on_ray`; in-process runtimes only: served and file
+runtimes run here). One Ray session serves the whole stage.
 """
 
 from __future__ import annotations
