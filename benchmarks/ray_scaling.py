@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=2, help="measured runs per side")
+    parser.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=True, help="one unmeasured run"
+    )
     args = parser.parse_args(argv)
     ray = import_ray(local=True)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             study = make_study(Path(tmp), args.items)
             out = Path(tmp) / "run"
             freeze_baseline(study, out, progress=False)
-            measure(out, 1)  # warm-up: page cache, worker processes
+            if args.warmup:
+                measure(out, 1)  # page cache, worker processes
             rates: dict[int, list[float]] = {1: [], 2: []}
             for r in range(args.rounds):
                 for workers in (1, 2):

@@ -62,6 +62,7 @@ IN_FLIGHT = 2
 PROBE_FILE = ".ray-run.json"
 #: Makes a Ray started here use 127.0.0.1 for every server it starts (read when ray imports).
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_loopback_set = False  # this module set it (and may undo it)
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,22 @@ class RayRunResult:
 
 
 def import_ray(*, local: bool) -> Any:
-    """Import ray; for a Ray started in this process, make it bind 127.0.0.1 only."""
-    if local:
-        os.environ.setdefault(_LOOPBACK_ENV, "0")
+    """Import ray; for a Ray started in this process, make it bind 127.0.0.1 only (and undo
+    that before joining a cluster, whose nodes must reach this driver)."""
+    global _loopback_set
+    if local and _LOOPBACK_ENV not in os.environ:
+        os.environ[_LOOPBACK_ENV] = "0"
+        _loopback_set = True
     import ray
 
+    constants = ray._private.ray_constants
     if local and os.environ.get(_LOOPBACK_ENV) == "0":
         # ray read the variable when it was first imported; an earlier import missed it
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+        constants.ENABLE_RAY_CLUSTER = False
+    elif not local and _loopback_set and not ray.is_initialized():
+        os.environ.pop(_LOOPBACK_ENV, None)
+        constants.ENABLE_RAY_CLUSTER = not constants.IS_WINDOWS_OR_OSX
+        _loopback_set = False
     return ray
 
 
@@ -429,7 +438,7 @@ def _start_replicas(ray, opener, inputs, store, execution, token, *, score_choic
             actor_cls.options(**actor_options(execution.resources)).remote(
                 opener,
                 inputs_ref,
-                str(store.root),
+                str(store.root.resolve()),  # the same path on every node (shared filesystem)
                 token,
                 rank=rank,
                 threads=threads,

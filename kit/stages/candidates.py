@@ -329,7 +329,7 @@ def _run_on_ray(
 
     prepare_candidate_files(spec, study, run_dir=frozen.run_dir)
     result = run_model_on_ray(
-        opener=functools.partial(open_candidate_replica, spec, study, frozen.run_dir),
+        opener=functools.partial(open_candidate_replica, spec, study, frozen.run_dir.resolve()),
         inputs=PlanInputs(
             model_name=spec.name,
             items=frozen.eval_set.items,
