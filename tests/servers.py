@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import signal
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -343,3 +344,14 @@ def _nth(data: bytes, needle: bytes, n: int, start: int) -> int:
         if pos < 0:
             return -1
     return pos
+
+
+def ctrl_c_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a terminal's Ctrl-C.
+
+    A shell starts background jobs (``make test &``, some CI runners) with SIGINT ignored,
+    the child inherits that, and Python then installs no KeyboardInterrupt handler, so the
+    signal would be silently dropped. Resetting it to the default before ``exec`` gives the
+    child what a user's terminal gives it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from servers import ctrl_c_default
 
 from kit.errors import CompkitError
 from kit.serving.fake import FakeServer
@@ -135,6 +136,7 @@ def test_ctrl_c_and_sigterm_stop_every_server(sig):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COMPKIT_PARENT_PID": str(os.getpid())},
+        preexec_fn=ctrl_c_default,
     )
     try:
         pids = json.loads(parent.stdout.readline())

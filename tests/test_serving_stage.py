@@ -18,7 +18,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from servers import smollm2_gguf
+from servers import ctrl_c_default, smollm2_gguf
 
 from kit.cli import main
 from kit.errors import CompkitError
@@ -273,7 +273,11 @@ def test_killing_the_stage_leaves_no_server(served):
     _, run, _ = served
     code = f"from kit.stages.serving import run_serving\nrun_serving({str(run)!r}, models=['base'], force=True)\n"
     stage = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=ctrl_c_default,
     )
     try:
         deadline, server = time.monotonic() + 90, None

@@ -7,9 +7,9 @@ the truths this study still leaves plausible, N(estimate, variance / n) in the n
 approximation, with the per-item variance at least the variance the limit itself implies.
 Sizing at the observed estimate instead (plain power) promises too small a rerun: an
 undecided study is selected for an estimate near the limit, and
-``benchmarks/verdict_calibration.py`` measured that only 45% of undecided studies rerun with
-the plug-in figure decided, against 54% (73% for truths 2 points or more from the limit) with
-this one. An estimate exactly on the limit still gets a figure.
+``benchmarks/verdict_calibration.py`` measured that only 43% of undecided studies rerun with
+the plug-in figure decided (56% for truths 2 points or more from the limit), against 53% (72%)
+with this one. An estimate exactly on the limit still gets a figure.
 """
 
 from __future__ import annotations
