@@ -12,7 +12,7 @@ candidate see the same seed for the same repeat.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,8 @@ OUTPUT_COLUMNS = [
     "itl_max_s",
     "error",
     "error_class",
+    "token_ids",
+    "nonfinite_logits",
     "created_at",
 ]
 
@@ -116,12 +118,9 @@ class RunPlan:
         repeats: int,
     ) -> RunPlan:
         """Use already rendered prompts (candidates reuse the frozen ones exactly)."""
-        conts = continuations
-        try:
-            tokens = {i: runtime.count_tokens(p) for i, p in prompts.items()}
-        except NotImplementedError:  # remote runtimes: approximate by characters / 4
-            tokens = {i: max(1, len(_prompt_chars(p)) // 4) for i, p in prompts.items()}
-        return cls(model_name, items, prompts, conts, tokens, sampling, repeats)
+        count = prompt_counter(runtime)
+        tokens = {i: count(p) for i, p in prompts.items()}
+        return cls(model_name, items, prompts, continuations, tokens, sampling, repeats)
 
     def keys(self) -> list[tuple[str, int]]:
         """(item, repeat) keys, longest prompts first within each repeat."""
@@ -131,6 +130,22 @@ class RunPlan:
 
 def _prompt_chars(p: Prompt) -> str:
     return p.text if p.text is not None else "".join(m["content"] for m in p.messages or ())
+
+
+def prompt_counter(runtime: Runtime) -> Callable[[Prompt], int]:
+    """Tokens of a prompt as ``runtime`` counts them; characters / 4 where it cannot count
+    (remote endpoints without a tokenizer, predictions files): from its first refusal on."""
+    state = {"counts": True}
+
+    def count(p: Prompt) -> int:
+        if state["counts"]:
+            try:
+                return runtime.count_tokens(p)
+            except NotImplementedError:
+                state["counts"] = False
+        return max(1, len(_prompt_chars(p)) // 4)
+
+    return count
 
 
 def run_model(
@@ -322,6 +337,8 @@ def _row(
         "itl_max_s": g.extra.get("itl_max_s"),  # inter-token gaps
         "error": g.error,
         "error_class": g.error_class,
+        "token_ids": list(map(int, g.token_ids)) if g.token_ids is not None else None,
+        "nonfinite_logits": g.nonfinite_logits,
         "created_at": created,
     }
     if s is not None and s.error is None:

@@ -431,6 +431,52 @@ _SERVING: list[MetricSpec] = [
 ]
 
 
+_SUITE = "a perturbation suite (perturbations: in the study)"
+_TOKENS = (
+    "token distributions of the baseline and the candidate (teacher forcing with transformers "
+    "or llama.cpp, one vocabulary)"
+)
+
+
+def _shift(base: str, column: str, higher: bool, tasks: tuple[str, ...]) -> MetricSpec:
+    """The robustness metric of ``base``: its change from an item to its perturbed copy."""
+    words = base.replace("_", " ")
+    return MetricSpec(
+        f"{base}_shift",
+        f"{words} on an item's perturbed copy minus on the item (paired, per perturbation); "
+        f"the change vs the baseline is the robustness gap (this shift minus the baseline's)",
+        higher,
+        "robustness",
+        kind="aggregate",
+        column=column,
+        tasks=tasks,
+        phrases=(f"{words} under perturbation", f"{words} shift under perturbation"),
+        value_range=(-1.0, 1.0),
+        intervals=("tango_cc", "tango_cc_gap", "tango_cc_gap"),
+        table="robustness_evidence",
+        requires=_SUITE,
+    )
+
+
+def _distribution(name, description, higher, unit, phrases, rng, *, requires=_TOKENS):
+    return MetricSpec(
+        name,
+        description,
+        higher,
+        "robustness",
+        unit,
+        kind="aggregate",
+        scale="unbounded" if unit == "nats" else "bounded",
+        phrases=tuple(phrases),
+        value_range=rng,
+        intervals=_CLUSTER if name not in ("choice_kl", "choice_js") else _BOOT,
+        table="distribution_evidence",
+        requires=requires,
+    )
+
+
+_CLUSTER = ("cluster_bca_bootstrap", "cluster_bca_bootstrap", "cluster_bca_bootstrap")
+
 _BUILTIN: list[MetricSpec] = [
     # ---------------------------------------------------------------- scoring (item metrics)
     _item(
@@ -588,6 +634,44 @@ _BUILTIN: list[MetricSpec] = [
         column="error",
         phrases=("request error", "failed request"),
     ),
+    # numerical and decoding artifacts (kit.scoring.artifacts), every task
+    _item(
+        "empty_output_rate",
+        "share of answers that are empty (whitespace and zero-width characters only)",
+        False,
+        column="empty_output",
+        phrases=("empty output", "empty answer", "blank answer"),
+    ),
+    _item(
+        "repetition_rate",
+        "share of answers caught in a degenerate repetition loop (repeated 4-grams or a "
+        "repeated character run over half the answer)",
+        False,
+        column="degenerate_repetition",
+        phrases=("degenerate repetition", "repetition loop", "looping answer", "repetition"),
+    ),
+    _item(
+        "truncation_rate",
+        "share of answers cut off at max_new_tokens (finish reason 'length')",
+        False,
+        column="truncated",
+        phrases=("truncation", "truncated answer", "truncated output", "max token truncation"),
+        requires="a runtime that reports why decoding stopped (not a predictions file)",
+    ),
+    _item(
+        "nonfinite_logit_rate",
+        "share of answers whose decoding met a NaN or inf logit",
+        False,
+        column="nonfinite_logits",
+        phrases=(
+            "nan logits",
+            "nan/inf logits",
+            "non finite logits",
+            "nonfinite logits",
+            "inf logits",
+        ),
+        requires="an in-process runtime that exposes logits (transformers, llama.cpp)",
+    ),
     # ---------------------------------------------------------------- comparison (stage 3)
     MetricSpec(
         "flip_rate",
@@ -649,6 +733,74 @@ _BUILTIN: list[MetricSpec] = [
         phrases=("admits uncertainty", "uncertainty admission rate"),
         unit="share",
         requires="eval items flagged admits_uncertainty",
+    ),
+    # ---------------------------------------------------------------- robustness (stage 4b)
+    *(
+        _shift(base, column, higher, tasks)
+        for base, column, higher, tasks in (
+            ("accuracy", "correct", True, ()),
+            ("json_parse_failure", "json_parse_failure", False, ("extraction", "tool_call")),
+            ("unsafe_compliance", "unsafe_compliance", False, ("refusal",)),
+            ("over_refusal", "over_refusal", False, ("refusal",)),
+        )
+    ),
+    MetricSpec(
+        "perturbation_flip_rate",
+        "share of perturbed copies whose primary outcome differs from their original's "
+        "(right->wrong + wrong->right)",
+        False,
+        "robustness",
+        kind="aggregate",
+        phrases=("perturbation flip", "perturbation flips", "robustness flip rate"),
+        table="robustness_evidence",
+        requires=_SUITE,
+    ),
+    _distribution(
+        "mean_token_kl",
+        "mean KL divergence KL(baseline || candidate) per generated token of the baseline's "
+        "answers (nats; teacher forcing, top-k with tail; kit.analysis.distributions)",
+        False,
+        "nats",
+        ("kl divergence", "mean kl", "mean kl divergence", "token kl", "kld", "mean kld"),
+        (0.0, _INF),
+    ),
+    _distribution(
+        "same_top_token_rate",
+        "share of the baseline's answer positions where the candidate's most probable token "
+        "is the baseline's (llama.cpp 'same top p')",
+        True,
+        "share",
+        ("same top token", "same top p", "top token agreement", "top 1 agreement"),
+        (0.0, 1.0),
+    ),
+    _distribution(
+        "reference_token_delta_p",
+        "mean change (candidate - baseline) in the probability of the baseline's next token "
+        "along its answers (llama.cpp 'delta p')",
+        True,
+        "share",
+        ("delta p", "mean delta p", "reference token probability change"),
+        (-1.0, 1.0),
+    ),
+    _distribution(
+        "choice_kl",
+        "mean KL divergence KL(baseline || candidate) of the normalized option probabilities "
+        "per choice item (nats)",
+        False,
+        "nats",
+        ("choice kl divergence", "option kl", "option kl divergence"),
+        (0.0, _INF),
+        requires="option probabilities (choice_probs) for the baseline and the candidate",
+    ),
+    _distribution(
+        "choice_js",
+        "mean Jensen-Shannon divergence of the normalized option probabilities per choice "
+        "item (nats, at most ln 2)",
+        False,
+        "nats",
+        ("js divergence", "jensen shannon divergence", "choice js divergence"),
+        (0.0, 0.6931471805599453),
+        requires="option probabilities (choice_probs) for the baseline and the candidate",
     ),
     *_SERVING,
     # ---------------------------------------------------------------- routing (stage 6)
@@ -735,6 +887,14 @@ def custom_item_metric(
         tasks=tuple(tasks),
         builtin=False,
     )
+
+
+def shift_metric(base: str) -> str | None:
+    """The robustness metric measuring ``base`` under perturbation (``accuracy`` ->
+    ``accuracy_shift``), or None when ``base`` is not measured under perturbations."""
+    name = f"{base}_shift"
+    spec = METRICS.get(name)
+    return name if spec is not None and spec.stage == "robustness" else None
 
 
 def phrase_index() -> Mapping[str, str]:

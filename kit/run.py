@@ -4,14 +4,25 @@ Every stage after the freeze takes a :class:`Run` (or a path, opened with :meth:
 instead of a ``run_dir`` that each function re-reads: the manifest, the frozen items and
 prompts and the slices are read once and kept.
 
+Clean and perturbed items
+-------------------------
+A study with a perturbation suite freezes derived items next to the eval set
+(``frozen/perturbed.jsonl``). Every model runs them and stage 2 scores them with the rest, but
+every stage except the robustness stage is about the eval set the user gave: :meth:`Run.outputs`
+and :meth:`Run.outcomes` return the clean items unless asked for ``items="perturbed"`` or
+``"all"``; :attr:`Run.eval_set` is the clean eval set and :attr:`Run.scoring_set` the two together.
+
 Run folder::
 
     runs/NAME/
       manifest.json            BaselineManifest (written last by the freeze: "frozen")
       pending.json             while a freeze runs or after it was interrupted
       frozen/                  study.yaml, prompt.jinja, eval_set.jsonl, item_hashes.json,
-                               budget.yaml, slices.parquet, prompts.jsonl
+                               budget.yaml, slices.parquet, prompts.jsonl; with a perturbation
+                               suite also perturbed.jsonl, perturbed_hashes.json,
+                               perturbed_slices.parquet, perturbations.json (kit.perturb)
       outputs/<model>/         crash-safe parquet parts per model (kit.store), _COMPLETE.json
+      distributions/<model>/   teacher-forced token distributions (kit.teacher_forcing)
       candidates/<name>.json   CandidateManifest
       outcomes.parquet         every model's scored outcomes, written once by stage 2
       tables/                  stage tables (slice_table, flips, calibration_..., verdicts)
@@ -51,6 +62,13 @@ ARTIFACTS = "artifacts.json"
 SCHEMA_VERSION = 1
 #: Slice columns every frozen run derives (the others are the eval set's own).
 DERIVED_SLICES = ("task", "language", "length_bucket", "label_rarity")
+#: Frozen files of a perturbation suite (kit.perturb).
+PERTURBED = "perturbed.jsonl"
+PERTURBED_HASHES = "perturbed_hashes.json"
+PERTURBED_SLICES = "perturbed_slices.parquet"
+PERTURBATIONS_RECORD = "perturbations.json"
+#: Which items :meth:`Run.outputs` / :meth:`Run.outcomes` return.
+ITEM_SETS = ("clean", "perturbed", "all")
 
 
 class FrozenInputs(BaseModel):
@@ -72,11 +90,21 @@ class FrozenInputs(BaseModel):
     baseline_fingerprint: str
     budget_path: str | None
     budget_sha256: str | None
+    perturbations: dict[str, Any] | None = None
+    perturbed_sha256: str | None = None
+    perturbed_rows: int = 0
 
     def key(self) -> dict[str, Any]:
         """The parts a resumed freeze must share with the interrupted one."""
         return self.model_dump(
-            exclude={"study_file", "study_sha256", "budget_path", "budget_sha256"}
+            exclude={
+                "study_file",
+                "study_sha256",
+                "budget_path",
+                "budget_sha256",
+                "perturbed_sha256",
+                "perturbed_rows",
+            }
         )
 
 
@@ -145,6 +173,7 @@ class CandidateManifest(BaseModel):
     wall_s: float
     #: where it ran: ``{"engine": "local"}``, or the Ray settings, replicas and their nodes
     execution: dict[str, Any] | None = None
+    distributions: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> CandidateManifest:
@@ -217,6 +246,71 @@ class Run:
         return items
 
     @functools.cached_property
+    def perturbed(self) -> EvalSet | None:
+        """The frozen derived items of the perturbation suite (None without a suite), checked
+        against the manifest's hash."""
+        sha = self.manifest.inputs.perturbed_sha256
+        if sha is None:
+            return None
+        user = [c for c in self.manifest.slice_columns if c not in DERIVED_SLICES]
+        path = self.frozen_dir / PERTURBED
+        items = load_frozen_items(path, slice_columns=user)
+        if items.sha256 != sha:
+            raise CompkitError(
+                f"{path} does not match the manifest's hash of the perturbed items; the run "
+                "folder was edited by hand"
+            )
+        return items
+
+    @functools.cached_property
+    def scoring_set(self) -> EvalSet:
+        """Every item the models ran: the eval set, then the perturbed items."""
+        if self.perturbed is None:
+            return self.eval_set
+        return EvalSet(
+            source=str(self.frozen_dir),
+            items=[*self.eval_set.items, *self.perturbed.items],
+            slice_columns=self.eval_set.slice_columns,
+        )
+
+    @functools.cache  # noqa: B019  (one Run per folder)
+    def perturbations(self) -> pd.DataFrame:
+        """One row per perturbed item: ``id, source_id, perturbation, kind, detail`` and its
+        ``prompt_tokens``, ``length_bucket`` and the source's ``source_length_bucket``
+        (empty without a suite)."""
+        columns = ["id", "source_id", "perturbation", "kind", "detail"]
+        path = self.frozen_dir / PERTURBATIONS_RECORD
+        if self.perturbed is None or not path.is_file():
+            return pd.DataFrame(columns=[*columns, "prompt_tokens", "length_bucket"])
+        record = json.loads(path.read_text(encoding="utf-8"))
+        frame = pd.DataFrame(record["items"], columns=columns)
+        tokens = pd.read_parquet(self.frozen_dir / PERTURBED_SLICES)
+        frame = frame.merge(tokens[["id", "prompt_tokens", "length_bucket"]], on="id", how="left")
+        source = self.slices().set_index("id")["length_bucket"].rename("source_length_bucket")
+        return frame.join(source, on="source_id")
+
+    @functools.cache  # noqa: B019
+    def perturbation_record(self) -> dict[str, Any]:
+        """``frozen/perturbations.json``: the suite's config, items, skips and padding sizes."""
+        path = self.frozen_dir / PERTURBATIONS_RECORD
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def item_ids(self, items: str = "clean") -> set[str]:
+        """Ids of the clean items, the perturbed items, or all of them (:data:`ITEM_SETS`)."""
+        if items not in ITEM_SETS:
+            raise CompkitError(f"items={items!r} is not one of {list(ITEM_SETS)}")
+        clean = set(self.eval_set.item_hashes)
+        derived = set(self.perturbed.item_hashes) if self.perturbed is not None else set()
+        return {"clean": clean, "perturbed": derived, "all": clean | derived}[items]
+
+    def _select(self, frame: pd.DataFrame, items: str) -> pd.DataFrame:
+        if items == "all" or (items == "clean" and self.perturbed is None) or frame.empty:
+            self.item_ids(items)  # validates the name
+            return frame
+        keep = frame["item_id"].isin(self.item_ids(items))
+        return frame[keep].reset_index(drop=True)
+
+    @functools.cached_property
     def _prompts(self) -> tuple[dict[str, Prompt], dict[str, tuple[str, ...]]]:
         prompts: dict[str, Prompt] = {}
         conts: dict[str, tuple[str, ...]] = {}
@@ -281,8 +375,9 @@ class Run:
     def store(self, model: str) -> OutputStore:
         return OutputStore(self.root / "outputs" / model)
 
-    def outputs(self, models: list[str] | None = None) -> pd.DataFrame:
-        """Stored output rows of ``models`` (default every model), in one frame."""
+    def outputs(self, models: list[str] | None = None, *, items: str = "clean") -> pd.DataFrame:
+        """Stored output rows of ``models`` (default every model), in one frame: the clean
+        items by default, or ``items="perturbed"`` / ``"all"`` (see the module docstring)."""
         folder = self.root / "outputs"
         names = (
             models
@@ -293,10 +388,33 @@ class Run:
         )
         frames = [self.store(m).read() for m in names]
         frames = [f for f in frames if not f.empty]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return self._select(out, items)
 
-    def outcomes(self) -> pd.DataFrame:
-        """``outcomes.parquet``: every model's scored outcomes, as stage 2 wrote them once.
+    def distribution_models(self) -> list[str]:
+        """Models with a finished token-distribution store (``distributions/<model>/``)."""
+        folder = self.root / "distributions"
+        if not folder.is_dir():
+            return []
+        return sorted(
+            d.name for d in folder.iterdir() if d.is_dir() and (d / "_COMPLETE.json").is_file()
+        )
+
+    def distribution_meta(self, model: str) -> dict[str, Any]:
+        """The completion record of a model's distribution store ({} when there is none)."""
+        path = self.root / "distributions" / model / "_COMPLETE.json"
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def distributions(self, model: str) -> pd.DataFrame:
+        """A model's teacher-forced token distributions (:mod:`kit.teacher_forcing`), verified
+        against the store's completion record."""
+        return OutputStore(self.root / "distributions" / model).read()
+
+    def outcomes(self, *, items: str = "clean") -> pd.DataFrame:
+        """``outcomes.parquet``: every model's scored outcomes, as stage 2 wrote them once; the
+        clean items by default, or ``items="perturbed"`` / ``"all"``.
 
         Raises
         ------
@@ -308,7 +426,7 @@ class Run:
                 f"{self.root / OUTCOMES}: missing; stage 2 writes it "
                 f"(`compkit candidates ... --out {self.root}`)"
             )
-        return self.read_artifact(OUTCOMES)
+        return self._select(self.read_artifact(OUTCOMES), items)
 
     def write_outcomes(self, frame: pd.DataFrame) -> Path:
         """Write ``outcomes.parquet`` (stage 2 only; every other stage reads it)."""

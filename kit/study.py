@@ -176,6 +176,57 @@ class ExecutionConfig(_Strict):
         return v
 
 
+class PerturbationSpec(_Strict):
+    """One entry of the perturbation suite (kinds and parameters: :mod:`kit.perturb`)."""
+
+    kind: str = Field(description="a kind of kit.perturb.PERTURBATIONS (typos, padding ...)")
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_]{0,39}$",
+        description="the perturbation slice value and the id suffix (default: the kind)",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The name derived items carry (``perturbation`` slice value, id suffix)."""
+        return self.name or self.kind
+
+
+class PerturbationsConfig(_Strict):
+    """The perturbation suite: which derived items are frozen with the baseline.
+
+    ``suite`` entries are kinds (``typos``) or ``{kind, name, params}``; ``items`` picks the
+    eval items that get perturbed copies (default: all), ``tasks`` limits them to tasks.
+    """
+
+    suite: list[PerturbationSpec] = Field(min_length=1)
+    seed: int = Field(default=0, ge=0)
+    items: SampleConfig | None = Field(
+        default=None, description="stratified subset of the eval set to perturb (default all)"
+    )
+    tasks: list[str] | None = Field(default=None, description="only items of these tasks")
+
+    @field_validator("suite", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"kind": e} if isinstance(e, str) else e for e in v]
+        return v
+
+
+class DistributionsConfig(_Strict):
+    """Token-level prediction distributions (teacher forcing of the baseline's answers)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="score the baseline's answers token by token with every in-process model",
+    )
+    top_k: int = Field(
+        default=32, ge=1, le=4096, description="baseline tokens kept per position (plus the tail)"
+    )
+
+
 class RecipeSpec(_Strict):
     """A compression recipe applied to a base model to make a candidate."""
 
@@ -491,6 +542,10 @@ class Study(_Strict):
     baseline: ModelSpec
     candidates: list[ModelSpec] = Field(default_factory=list)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    perturbations: PerturbationsConfig | None = Field(
+        default=None, description="derived items frozen with the baseline (kit.perturb)"
+    )
+    distributions: DistributionsConfig = Field(default_factory=DistributionsConfig)
     confidence: float = Field(
         default=0.95,
         ge=0.8,

@@ -76,6 +76,8 @@ class Generation:
     confidence: float | None = (
         None  # confidence the runtime reports itself (predictions files), 0-1
     )
+    token_ids: list[int] | None = None  # the generated token ids (in-process runtimes)
+    nonfinite_logits: int | None = None  # decoding steps whose logits held a NaN or inf
     extra: dict[str, Any] = field(
         default_factory=dict
     )  # runtime-specific figures (e.g. inter-token gaps)
@@ -89,6 +91,104 @@ class ChoiceScores:
     latency_s: float | None = None
     error: str | None = None
     error_class: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenScoreRequest:
+    """Teacher forcing: score ``token_ids[start:]`` one position at a time.
+
+    Position ``t`` (``start <= t < len(token_ids)``) is the model's next-token distribution
+    after ``token_ids[:t]``; ``token_ids[t]`` is its target. ``support`` gives, per scored
+    position, the token ids whose logprobs to return (a candidate gets the baseline's top-k);
+    ``None`` returns the model's own ``top_k`` most probable tokens.
+    """
+
+    item_id: str
+    token_ids: tuple[int, ...]
+    start: int
+    support: tuple[tuple[int, ...], ...] | None = None
+    top_k: int = 32
+
+
+@dataclass
+class TokenScores:
+    """Per scored position of a :class:`TokenScoreRequest` (log-softmax in float64 of the raw
+    logits, no temperature or top-p).
+
+    ``support_ids`` / ``support_logprobs``: the requested (or own top-k) tokens and their
+    logprobs; ``target_logprobs``: logprob of the target token; ``argmax_ids`` /
+    ``argmax_logprobs``: the model's most probable token; ``min_logprobs``: its least probable
+    token's logprob (bounds the KL beyond the kept tokens); ``nonfinite``: logits that were NaN
+    or inf (their position's values are NaN).
+    """
+
+    item_id: str
+    target_logprobs: list[float]
+    support_ids: list[list[int]]
+    support_logprobs: list[list[float]]
+    argmax_ids: list[int]
+    argmax_logprobs: list[float]
+    min_logprobs: list[float]
+    nonfinite: list[int]
+    error: str | None = None
+
+
+def position_scores(req: TokenScoreRequest, logits: Any) -> TokenScores:
+    """:class:`TokenScores` from raw logits (scored positions x vocabulary).
+
+    Shared by the in-process runtimes: log-softmax in float64 over the whole vocabulary; a
+    position whose logits hold a NaN or inf gets NaN values and its count in ``nonfinite``.
+    Row ``j`` of ``logits`` is position ``req.start + j`` (its target ``req.token_ids[start+j]``).
+    """
+    import numpy as np
+
+    from kit.errors import CompkitError
+
+    targets = req.token_ids[req.start :]
+    z = np.asarray(logits, dtype=np.float64)
+    if z.shape[0] != len(targets):
+        raise CompkitError(
+            f"item {req.item_id!r}: {z.shape[0]} logit rows for {len(targets)} scored positions"
+        )
+    bad = (~np.isfinite(z)).sum(axis=1)
+    safe = np.where(np.isfinite(z), z, 0.0)
+    peak = safe.max(axis=1, keepdims=True)
+    logp = safe - peak - np.log(np.exp(safe - peak).sum(axis=1, keepdims=True))
+    logp[bad > 0] = np.nan
+    rows = np.arange(z.shape[0])
+    if req.support is None:
+        support = _top_k(np.nan_to_num(logp, nan=0.0), min(req.top_k, z.shape[1]))
+    else:
+        support = np.asarray([list(s) for s in req.support], dtype=np.int64)
+        if support.shape[0] != z.shape[0] or (support.size and support.max() >= z.shape[1]):
+            raise CompkitError(
+                f"item {req.item_id!r}: the support ({support.shape}) does not fit "
+                f"{z.shape[0]} positions of a {z.shape[1]}-token vocabulary"
+            )
+    argmax = np.where(bad > 0, -1, np.argmax(safe, axis=1))
+    return TokenScores(
+        item_id=req.item_id,
+        target_logprobs=logp[rows, np.asarray(targets, dtype=np.int64)].tolist(),
+        support_ids=support.tolist(),
+        support_logprobs=np.take_along_axis(logp, support, axis=1).tolist(),
+        argmax_ids=argmax.astype(int).tolist(),
+        argmax_logprobs=np.where(bad > 0, np.nan, logp.max(axis=1)).tolist(),
+        min_logprobs=np.where(bad > 0, np.nan, logp.min(axis=1)).tolist(),
+        nonfinite=bad.astype(int).tolist(),
+    )
+
+
+def _top_k(logp: Any, k: int) -> Any:
+    """Indices of the ``k`` largest values per row, largest first."""
+    import numpy as np
+
+    part = np.argpartition(-logp, kth=k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(logp, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def failed_scores(req: TokenScoreRequest, error: str) -> TokenScores:
+    return TokenScores(req.item_id, [], [], [], [], [], [], [], error=error)
 
 
 @dataclass(frozen=True)
@@ -176,6 +276,25 @@ class Runtime(ABC):
     def count_tokens(self, prompt: Prompt) -> int:
         """Tokens in the prompt as the model sees it (used for length slices)."""
         raise NotImplementedError(f"runtime {self.name!r} cannot count tokens")
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of the prompt as the model sees it (teacher forcing starts from these)."""
+        raise NotImplementedError(f"runtime {self.name!r} cannot tokenize")
+
+    def score_tokens(
+        self, requests: Sequence[TokenScoreRequest], *, progress: Progress | None = None
+    ) -> list[TokenScores]:
+        """Teacher forcing (:class:`TokenScoreRequest`); runtimes without logits raise."""
+        raise NotImplementedError(f"runtime {self.name!r} cannot score tokens")
+
+    @property
+    def supports_token_scoring(self) -> bool:
+        return type(self).score_tokens is not Runtime.score_tokens
+
+    def vocabulary_sha256(self) -> str | None:
+        """sha256 of the vocabulary (every token's text, in id order); two models whose
+        vocabularies differ have token distributions that cannot be compared."""
+        return None
 
     def close(self) -> None:
         """Release the model (memory, server connections)."""

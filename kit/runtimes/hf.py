@@ -59,6 +59,10 @@ from kit.runtimes.base import (
     Progress,
     Prompt,
     Runtime,
+    TokenScoreRequest,
+    TokenScores,
+    failed_scores,
+    position_scores,
 )
 from kit.study import ModelSpec, SamplingConfig
 
@@ -212,7 +216,7 @@ class TransformersRuntime(Runtime):
     def _generate_batch(self, batch: list[_Encoded], sampling: SamplingConfig) -> list[Generation]:
         start = time.perf_counter()
         input_ids, attention_mask = self._left_pad([e.ids for e in batch])
-        tap = _ScoreTap()
+        tap, raw = _ScoreTap(), _FiniteTap()
         watch = _StepWatch(
             tap,
             eos_ids=self.eos_ids,
@@ -221,7 +225,7 @@ class TransformersRuntime(Runtime):
             prompt_len=input_ids.shape[1],
             device=self.device,
         )
-        processors = LogitsProcessorList([*_warpers(sampling), tap])
+        processors = LogitsProcessorList([raw, *_warpers(sampling), tap])
         if not sampling.greedy:
             torch.manual_seed(batch[0].request.seed)
         with torch.inference_mode():
@@ -234,9 +238,10 @@ class TransformersRuntime(Runtime):
             )
         generated = sequences[:, input_ids.shape[1] :].tolist()
         logprobs = watch.logprobs_by_row()
+        bad = raw.by_row()
         return [
             self._finish(
-                enc, generated[row], logprobs[row], watch, row, start, sampling, len(batch)
+                enc, generated[row], logprobs[row], watch, row, start, sampling, len(batch), bad
             )
             for row, enc in enumerate(batch)
         ]
@@ -251,6 +256,7 @@ class TransformersRuntime(Runtime):
         start: float,
         sampling: SamplingConfig,
         batch_size: int,
+        nonfinite: list[list[bool]],
     ) -> Generation:
         step = watch.finished_at[row]
         n = len(watch.times) if step is None else step + 1
@@ -268,6 +274,8 @@ class TransformersRuntime(Runtime):
             finish_reason="length" if step is None else "stop",
             batch_size=batch_size,
             extra={"step_times_s": [t - start for t in watch.times[:n]]},  # per token
+            token_ids=[int(t) for t in generated[:n]],
+            nonfinite_logits=int(sum(nonfinite[row][:n])) if nonfinite else 0,
         )
 
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
@@ -402,6 +410,45 @@ class TransformersRuntime(Runtime):
             return [start if start is not None else self.pad_id], whole
         return ctx, whole[len(ctx) :]
 
+    # ------------------------------------------------------------------ teacher forcing
+
+    def score_tokens(
+        self, requests: Sequence[TokenScoreRequest], *, progress: Progress | None = None
+    ) -> list[TokenScores]:
+        """Teacher forcing: one forward pass per sequence (no padding, so nothing else enters
+        a dynamically quantized layer's activation scale), logits kept only for the scored
+        positions, log-softmax in float64."""
+        results = []
+        for req in requests:
+            try:
+                results.append(self._score_sequence(req))
+            except torch.OutOfMemoryError as exc:
+                results.append(failed_scores(req, f"out of memory: {exc}"))
+            if progress is not None:
+                progress(1)
+        return results
+
+    def _score_sequence(self, req: TokenScoreRequest) -> TokenScores:
+        ids = torch.tensor([list(req.token_ids)], dtype=torch.long, device=self.device)
+        n_scored = len(req.token_ids) - req.start
+        if n_scored <= 0 or req.start < 1:
+            raise CompkitError(f"item {req.item_id!r}: nothing to score (start={req.start})")
+        kwargs: dict[str, Any] = {}
+        if "logits_to_keep" in self._forward_takes:
+            kwargs["logits_to_keep"] = n_scored + 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits[0]
+        # the last n_scored + 1 rows are positions start-1 .. end; the last predicts past the end
+        logits = logits[-(n_scored + 1) : -1].float().cpu().double().numpy()
+        return position_scores(req, logits)
+
+    def vocabulary_sha256(self) -> str | None:
+        """sha256 of the tokenizer's token strings in id order (JSON list)."""
+        import json
+
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode()).hexdigest()
+
     # ------------------------------------------------------------------ identity
 
     def identity(self) -> ModelIdentity:
@@ -481,6 +528,23 @@ class _ScoreTap(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.scores = scores
         return scores
+
+
+class _FiniteTap(LogitsProcessor):
+    """First logits processor: notes, per step and row, whether the raw logits held a NaN or
+    an inf (before temperature or top-p, which set -inf on purpose)."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.steps.append((~torch.isfinite(scores)).any(dim=-1))
+        return scores
+
+    def by_row(self) -> list[list[bool]]:
+        if not self.steps:
+            return []
+        return torch.stack(self.steps, dim=1).cpu().tolist()
 
 
 class _StepWatch(StoppingCriteria):

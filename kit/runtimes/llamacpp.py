@@ -72,6 +72,10 @@ from kit.runtimes.base import (
     Progress,
     Prompt,
     Runtime,
+    TokenScoreRequest,
+    TokenScores,
+    failed_scores,
+    position_scores,
 )
 from kit.store import file_sha256 as store_sha256
 from kit.study import ModelSpec, SamplingConfig
@@ -207,6 +211,7 @@ class LlamaCppRuntime(Runtime):
         stops = [s.encode("utf-8") for s in sampling.stop if s]
         tokens: list[int] = []
         logprobs: list[float] = []
+        nonfinite = 0
         text = b""
         ttft: float | None = None
         finish = "length"
@@ -215,6 +220,7 @@ class LlamaCppRuntime(Runtime):
         with _sampler(sampling, request.seed) as chain:
             while len(tokens) < limit:
                 logits = self._last_logits()
+                nonfinite += int(not np.isfinite(logits).all())
                 token = llama_cpp.llama_sampler_sample(chain, llm.ctx, -1)
                 if ttft is None:
                     ttft = time.perf_counter() - start
@@ -239,6 +245,8 @@ class LlamaCppRuntime(Runtime):
             token_logprobs=logprobs,
             finish_reason=finish,
             batch_size=1,
+            token_ids=tokens,
+            nonfinite_logits=nonfinite,
         )
 
     def _last_logits(self) -> np.ndarray:
@@ -326,6 +334,51 @@ class LlamaCppRuntime(Runtime):
             return False
         llm.n_tokens = n_tokens
         return True
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def score_tokens(
+        self, requests: Sequence[TokenScoreRequest], *, progress: Progress | None = None
+    ) -> list[TokenScores]:
+        """Teacher forcing on the path generation takes: the prompt in one ``eval`` (n_batch
+        chunks), then one token per decode, reading the last position's logits each time, so
+        a token the model would generate gets exactly its generation logits."""
+        results = []
+        for req in requests:
+            try:
+                results.append(position_scores(req, self._forced_logits(req)))
+            except Exception as exc:  # llama.cpp failed on this item: record it, keep going
+                results.append(failed_scores(req, f"{type(exc).__name__}: {exc}"))
+            if progress is not None:
+                progress(1)
+        return results
+
+    def _forced_logits(self, req: TokenScoreRequest) -> np.ndarray:
+        ids = list(req.token_ids)
+        if not 1 <= req.start < len(ids):
+            raise ValueError(f"nothing to score (start={req.start}, {len(ids)} tokens)")
+        if len(ids) > self._n_ctx:
+            raise ValueError(
+                f"{len(ids)} tokens exceed the context of {self._n_ctx}; raise options.n_ctx"
+            )
+        llm = self._model()
+        llm.reset()
+        llm.eval(ids[: req.start])
+        rows = [self._last_logits()]
+        for token in ids[req.start : -1]:
+            llm.eval([token])
+            rows.append(self._last_logits())
+        return np.stack(rows).astype(np.float64)
+
+    def vocabulary_sha256(self) -> str | None:
+        """sha256 of the GGUF vocabulary's token texts in id order (JSON list)."""
+        import json
+
+        texts = [
+            llama_cpp.llama_vocab_get_text(self._vocab, i).decode("utf-8", errors="replace")
+            for i in range(self._n_vocab)
+        ]
+        return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
 
     # ------------------------------------------------------------------ identity
 

@@ -28,6 +28,7 @@ from kit.errors import CompkitError
 from kit.evalset import EvalItem, EvalSet
 from kit.metrics import METRICS, MetricSpec, item_metrics
 from kit.scoring import tasks
+from kit.scoring.artifacts import artifact_flags
 from kit.scoring.labels import label_metrics, macro_f1
 
 Scorer = Callable[[EvalItem, dict[str, Any], EvalSet], dict[str, Any]]
@@ -98,6 +99,7 @@ def score_outputs(
                 "repeat": int(rec["repeat"]),
                 "task": item.task,
                 "error": float(failed),
+                **artifact_flags(rec),
                 **scored,
             }
         )

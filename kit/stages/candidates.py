@@ -49,6 +49,14 @@ from kit.runtimes.base import Runtime
 from kit.stages.freeze import require_unchanged
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, now_iso
 from kit.study import ExecutionConfig, ModelSpec, Study, load_study
+from kit.teacher_forcing import candidate_distributions, distribution_store
+
+#: Why a candidate run on the ray engine has no token distributions (teacher forcing runs
+#: in this process, where the runtime's logits are; the local engine measures them).
+RAY_NO_FORCING = (
+    "ran on the ray engine: teacher forcing of the baseline's answers runs in process only "
+    "(the local engine measures token distributions)"
+)
 
 
 def models_cache(run_dir: Path) -> Path:
@@ -248,6 +256,7 @@ def _run_one(
     stamp = store.root / "_SPEC.json"
     if force:
         store.clear()
+        distribution_store(run_dir, spec.name).clear()
     elif stamp.exists():
         before = json.loads(stamp.read_text(encoding="utf-8"))
         if before["fingerprint"] != spec.fingerprint():
@@ -266,6 +275,7 @@ def _run_one(
         rows, identity, footprint, record = _run_on_ray(
             spec, study, frozen, store, execution, progress=progress
         )
+        forced = {"status": "not measured", "reason": RAY_NO_FORCING}
     else:
         if execution.engine != "local":
             print(
@@ -273,7 +283,7 @@ def _run_one(
                 "here (scale an endpoint behind its URL, e.g. vLLM data parallel)",
                 flush=True,
             )
-        rows, identity, footprint = _run_here(spec, study, frozen, store, progress=progress)
+        rows, identity, footprint, forced = _run_here(spec, study, frozen, store, progress=progress)
         record = {"engine": "local"}
     cm = CandidateManifest(
         name=spec.name,
@@ -291,17 +301,19 @@ def _run_one(
         finished_at=now_iso(),
         wall_s=round(time.perf_counter() - t0, 3),
         execution=record,
+        distributions=forced,
     )
     atomic_write_text(run_dir / "candidates" / f"{spec.name}.json", cm.model_dump_json(indent=2))
 
 
 def _run_here(spec: ModelSpec, study: Study, frozen: Run, store: OutputStore, *, progress: bool):
-    """The local engine: one replica in this process."""
+    """The local engine: one replica in this process; then teacher forcing of the baseline's
+    answers (token distributions, :mod:`kit.teacher_forcing`)."""
     runtime, footprint = open_candidate(spec, study, run_dir=frozen.run_dir)
     try:
         plan = RunPlan.from_prompts(
             model_name=spec.name,
-            items=frozen.eval_set.items,
+            items=frozen.scoring_set.items,
             prompts=frozen.prompts,
             continuations=frozen.continuations,
             runtime=runtime,
@@ -309,10 +321,17 @@ def _run_here(spec: ModelSpec, study: Study, frozen: Run, store: OutputStore, *,
             repeats=frozen.manifest.inputs.repeats,
         )
         rows = run_model(runtime, plan, store, score_choices=spec.score_choices, progress=progress)
+        forced = candidate_distributions(
+            runtime,
+            run_dir=frozen.run_dir,
+            baseline=frozen.baseline,
+            model=spec.name,
+            progress=progress,
+        )
         identity = asdict(runtime.identity())
     finally:
         runtime.close()
-    return rows, identity, footprint
+    return rows, identity, footprint, forced
 
 
 def _run_on_ray(
@@ -332,7 +351,7 @@ def _run_on_ray(
         opener=functools.partial(open_candidate_replica, spec, study, frozen.run_dir.resolve()),
         inputs=PlanInputs(
             model_name=spec.name,
-            items=frozen.eval_set.items,
+            items=frozen.scoring_set.items,
             prompts=frozen.prompts,
             continuations=frozen.continuations,
             sampling=frozen.sampling,
@@ -349,11 +368,11 @@ def _run_on_ray(
 def score_run(run: Run, *, sources=()) -> pd.DataFrame:
     """Score every stored output of a run (baseline and candidates) with the frozen
     continuations (for ``acc_norm``) and any extra score ``sources``."""
-    outputs = run.outputs()
+    outputs = run.outputs(items="all")
     if outputs.empty:
         raise CompkitError(f"{run.root}: no stored outputs (run stages 1 and 2 first)")
     return scoring.score_outputs(
-        run.eval_set, outputs, continuations=run.continuations, sources=sources
+        run.scoring_set, outputs, continuations=run.continuations, sources=sources
     )
 
 

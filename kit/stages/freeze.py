@@ -12,7 +12,9 @@ Run folder written here::
       manifest.json            BaselineManifest (written last: its presence means "frozen")
       pending.json             while a freeze is running or was interrupted (resumable)
       frozen/                  study.yaml, prompt.jinja, eval_set.jsonl, item_hashes.json,
-                               budget.yaml, slices.parquet, prompts.jsonl
+                               budget.yaml, slices.parquet, prompts.jsonl; with a perturbation
+                               suite perturbed.jsonl, perturbed_hashes.json,
+                               perturbed_slices.parquet, perturbations.json
       outputs/<baseline>/      per-(item, repeat) parquet parts (kit.store)
       tables/                  baseline_outcomes.parquet, baseline_scores.csv
 """
@@ -23,6 +25,7 @@ import difflib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,25 +48,52 @@ from kit.evalset import (
     load_eval_set,
     stratified_sample,
 )
-from kit.execute import RunPlan, run_model
+from kit.execute import RunPlan, prompt_counter, run_model
+from kit.perturb import (
+    PERTURBATION_COLUMN,
+    PerturbedSet,
+    build_perturbed,
+    check_suite,
+    strip_columns,
+    translation_columns,
+)
 from kit.prompts import PromptBuilder, template_sha256
-from kit.run import MANIFEST, PENDING, BaselineManifest, FrozenInputs, OutputsSummary
+from kit.run import (
+    MANIFEST,
+    PENDING,
+    PERTURBATIONS_RECORD,
+    PERTURBED,
+    PERTURBED_HASHES,
+    PERTURBED_SLICES,
+    BaselineManifest,
+    FrozenInputs,
+    OutputsSummary,
+)
 from kit.runtimes import check_study_runtimes, open_runtime, runtime_class
-from kit.runtimes.base import Runtime
+from kit.runtimes.base import Prompt, Runtime
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, file_sha256, now_iso
 from kit.study import Study, load_study
+from kit.teacher_forcing import baseline_distributions
 
 # --------------------------------------------------------------------------- freeze
 
 
-def load_study_eval_set(study: Study) -> EvalSet:
-    """The eval set exactly as a study uses it: renamed, validated, limited and sampled."""
+def load_study_eval_set(study: Study, *, translations: bool = False) -> EvalSet:
+    """The eval set exactly as a study uses it: renamed, validated, limited and sampled.
+
+    The translation columns a perturbation suite reads (:func:`kit.perturb.translation_columns`)
+    are not slice columns: they are left out unless ``translations``.
+    """
     cfg = study.eval_set
+    extra = translation_columns(study.perturbations)
+    wanted = cfg.slice_columns
+    if wanted is not None and extra:
+        wanted = [*wanted, *(c for c in extra if c not in wanted)]
     eval_set = load_eval_set(
         study.resolve(cfg.path),
         columns=cfg.columns,
         default_task=cfg.task,
-        slice_columns=cfg.slice_columns,
+        slice_columns=wanted,
         limit=cfg.limit,
     )
     if cfg.sample is not None:
@@ -74,7 +104,66 @@ def load_study_eval_set(study: Study) -> EvalSet:
             seed=cfg.sample.seed,
             min_per_stratum=cfg.sample.min_per_stratum,
         )
-    return eval_set
+    return eval_set if translations else strip_columns(eval_set, extra)
+
+
+def study_perturbed(
+    study: Study,
+    *,
+    builder: PromptBuilder,
+    count: Callable[[Prompt], int] | None = None,
+    padding: dict[str, dict[str, int]] | None = None,
+) -> PerturbedSet | None:
+    """The study's perturbed items (None without a suite); ``count`` measures a rendered
+    prompt in the baseline's tokens (padding at freeze time), ``padding`` reuses recorded
+    sizes (``compkit check``)."""
+    config = study.perturbations
+    if config is None:
+        return None
+    items = load_study_eval_set(study, translations=True)
+    _check_suite_inputs(study, items)
+    counter = (lambda item: count(builder.render(item))) if count is not None else None
+    return build_perturbed(
+        items,
+        config,
+        count_tokens=counter,
+        length_edges=study.eval_set.length_buckets,
+        padding=padding,
+    )
+
+
+def _check_suite_inputs(study: Study, items: EvalSet) -> None:
+    from kit.errors import Problem, ValidationError
+    from kit.evalset import TASKS
+
+    config = study.perturbations
+    problems = []
+    for i, spec in enumerate(config.suite):
+        column = spec.params.get("column")
+        if (
+            spec.kind == "translation"
+            and isinstance(column, str)
+            and column not in items.slice_columns
+        ):
+            problems.append(
+                Problem(
+                    str(study.source),
+                    f"translation column {column!r} is not a column of the eval set "
+                    f"(columns: {items.slice_columns})",
+                    field=f"perturbations.suite.{i}.params.column",
+                )
+            )
+    for task in config.tasks or ():
+        if task not in TASKS:
+            problems.append(
+                Problem(
+                    str(study.source),
+                    f"unknown task {task!r}; tasks: {list(TASKS)}",
+                    field="perturbations.tasks",
+                )
+            )
+    if problems:
+        raise ValidationError(f"study {study.source}: perturbations", problems)
 
 
 def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, FrozenInputs]:
@@ -92,9 +181,13 @@ def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, Froz
     )
     for item in eval_set:  # a template error surfaces now, before anything is written
         builder.render(item)
+    if study.perturbations is not None:  # a bad suite fails now (padding is sized at freeze)
+        check_suite(study.perturbations, source=str(study.source))
+        _check_suite_inputs(study, load_study_eval_set(study, translations=True))
     budget = study.resolve(study.budget) if study.budget else None
     if budget is not None:  # a rule that cannot be judged must fail now, before any result exists
-        load_budget(budget, slices=_budget_vocabulary(eval_set, cfg.length_buckets))
+        vocab = _budget_vocabulary(eval_set, cfg.length_buckets, study.perturbations)
+        load_budget(budget, slices=vocab)
     inputs = FrozenInputs(
         study_file=str(study.source),
         study_sha256=file_sha256(study.source),
@@ -111,15 +204,20 @@ def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, Froz
         baseline_fingerprint=study.baseline.fingerprint(),
         budget_path=str(budget) if budget else None,
         budget_sha256=file_sha256(budget) if budget else None,
+        perturbations=study.perturbations.model_dump(mode="json") if study.perturbations else None,
     )
     return study, eval_set, builder, inputs
 
 
-def _budget_vocabulary(eval_set: EvalSet, length_edges: list[int]) -> dict[str, tuple[str, ...]]:
+def _budget_vocabulary(
+    eval_set: EvalSet, length_edges: list[int], perturbations: Any = None
+) -> dict[str, tuple[str, ...]]:
     """Slice values a budget rule may name, known before the baseline has run."""
     vocab = dict(slice_vocabulary(eval_set.frame().drop(columns=["id"])))
     vocab["label_rarity"] = ("rare", "common")
     vocab["length_bucket"] = tuple(length_bucket_labels(length_edges))
+    if perturbations is not None:
+        vocab[PERTURBATION_COLUMN] = tuple(s.label for s in perturbations.suite)
     return vocab
 
 
@@ -152,23 +250,48 @@ def freeze_baseline(
         atomic_write_json(out / PENDING, {**inputs.key(), "started_at": now_iso()})
     try:
         identity = runtime.identity()
+        perturbed = study_perturbed(study, builder=builder, count=prompt_counter(runtime))
+        if perturbed is not None:
+            inputs = inputs.model_copy(
+                update={"perturbed_sha256": perturbed.sha256, "perturbed_rows": len(perturbed)}
+            )
+        items = [*eval_set.items, *(perturbed.items.items if perturbed is not None else [])]
         plan = RunPlan.build(
             model_name=study.baseline.name,
-            items=eval_set.items,
+            items=items,
             builder=builder,
             runtime=runtime,
             sampling=study.sampling,
             repeats=study.repeats,
         )
         _write_frozen_copies(out, study, eval_set, builder, inputs, plan)
+        if perturbed is not None:
+            _write_perturbed(out, study, eval_set, perturbed, plan)
         store = OutputStore(out / "outputs" / study.baseline.name)
         outputs = run_model(
             runtime, plan, store, score_choices=study.baseline.score_choices, progress=progress
         )
+        forced = baseline_distributions(
+            runtime,
+            prompts=plan.prompts,
+            outputs=outputs,
+            ids=set(eval_set.item_hashes),
+            run_dir=out,
+            model=study.baseline.name,
+            top_k=study.distributions.top_k,
+            enabled=study.distributions.enabled,
+            progress=progress,
+        )
     finally:
         if own_runtime:
             runtime.close()
-    outcomes = scoring.score_outputs(eval_set, outputs, continuations=plan.continuations)
+    scored_set = (
+        eval_set
+        if perturbed is None
+        else EvalSet(str(out), items, slice_columns=eval_set.slice_columns)
+    )
+    outcomes = scoring.score_outputs(scored_set, outputs, continuations=plan.continuations)
+    outcomes = outcomes[outcomes["item_id"].isin(eval_set.item_hashes)]
     scores = scoring.overall(outcomes)
     tables = out / "tables"
     tables.mkdir(exist_ok=True)
@@ -199,7 +322,7 @@ def freeze_baseline(
             *eval_set.slice_columns,
         ],
         scores=scores.to_dict("records"),
-        timings={"wall_s": round(wall, 3)},
+        timings={"wall_s": round(wall, 3), **forced},
     )
     atomic_write_text(out / MANIFEST, manifest.model_dump_json(indent=2))
     (out / PENDING).unlink(missing_ok=True)
@@ -290,6 +413,35 @@ def _write_frozen_copies(
             )
 
 
+def _write_perturbed(
+    out: Path, study: Study, eval_set: EvalSet, perturbed: PerturbedSet, plan: RunPlan
+) -> None:
+    """``frozen/perturbed.jsonl`` (canonical derived items), their hashes, their slices (the
+    source's label rarity; their own prompt length) and ``perturbations.json``."""
+    frozen = out / "frozen"
+    perturbed.items.to_jsonl(frozen / PERTURBED)
+    atomic_write_json(frozen / PERTURBED_HASHES, perturbed.items.item_hashes)
+    slices = derive_slices(
+        perturbed.items,
+        prompt_tokens=plan.prompt_tokens,
+        rare_label_threshold=study.eval_set.rare_label_threshold,
+        length_edges=study.eval_set.length_buckets,
+    )
+    clean = derive_slices(
+        eval_set,
+        prompt_tokens=plan.prompt_tokens,
+        rare_label_threshold=study.eval_set.rare_label_threshold,
+        length_edges=study.eval_set.length_buckets,
+    ).set_index("id")["label_rarity"]
+    source = perturbed.frame.set_index("id")["source_id"]
+    slices["label_rarity"] = slices["id"].map(source).map(clean)
+    slices.to_parquet(frozen / PERTURBED_SLICES, index=False)
+    atomic_write_json(
+        frozen / PERTURBATIONS_RECORD,
+        perturbed.record(study.perturbations.model_dump(mode="json")),
+    )
+
+
 # --------------------------------------------------------------------------- check
 
 
@@ -355,6 +507,7 @@ def check_frozen(run_dir: str | Path) -> DriftReport:
         add("study file", m.inputs.study_file, None, f"cannot be read: {exc}")
         return DriftReport(run_dir, rows, diffs)
     _check_eval_set(run_dir, m, study, add)
+    _check_perturbed(run_dir, m, study, add)
     _check_template(run_dir, m, study, add, diffs)
     add(
         "sampling",
@@ -432,6 +585,50 @@ def _check_eval_set(run_dir: Path, m: BaselineManifest, study: Study, add) -> No
         if ids
     )
     add("eval set", m.inputs.eval_set_sha256, current.sha256, detail)
+
+
+def _check_perturbed(run_dir: Path, m: BaselineManifest, study: Study, add) -> None:
+    """The perturbation suite and its derived items, rebuilt from the study as it is now
+    (padding with the sizes chosen at freeze time)."""
+    current_config = study.perturbations.model_dump(mode="json") if study.perturbations else None
+    if m.inputs.perturbations is None and current_config is None:
+        return
+    add(
+        "perturbation suite",
+        m.inputs.perturbations,
+        current_config,
+        "the study's perturbations: block changed since freezing",
+    )
+    if current_config is None or m.inputs.perturbed_sha256 is None:
+        return
+    record_path = run_dir / "frozen" / PERTURBATIONS_RECORD
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    try:
+        builder = PromptBuilder(
+            study.resolve(study.prompt.template),
+            load_study_eval_set(study),
+            chat=study.prompt.chat,
+            system=study.prompt.system,
+            choice_labels=study.prompt.choice_labels,
+        )
+        current = study_perturbed(study, builder=builder, padding=record.get("padding", {}))
+    except CompkitError as exc:
+        add("perturbed items", m.inputs.perturbed_sha256, None, f"cannot be rebuilt: {exc}")
+        return
+    frozen_hashes = json.loads((run_dir / "frozen" / PERTURBED_HASHES).read_text("utf-8"))
+    detail = _id_changes(frozen_hashes, current.items.item_hashes if current else {})
+    add("perturbed items", m.inputs.perturbed_sha256, current.sha256 if current else None, detail)
+
+
+def _id_changes(frozen: dict[str, str], current: dict[str, str]) -> str:
+    added = sorted(set(current) - set(frozen))
+    removed = sorted(set(frozen) - set(current))
+    edited = sorted(i for i in set(frozen) & set(current) if frozen[i] != current[i])
+    return "; ".join(
+        f"{len(ids)} {label}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+        for label, ids in (("changed", edited), ("added", added), ("removed", removed))
+        if ids
+    )
 
 
 def _check_template(
