@@ -1,7 +1,8 @@
 """Evidence you cannot silently change: what a verdict rests on, hashed and sealed.
 
 A verdict rests on the frozen inputs (``manifest.json``, ``frozen/``), every model's stored
-outputs (``outputs/<model>/`` parts and their completion markers), the candidate manifests,
+outputs (``outputs/<model>/`` parts and their completion markers) and token distributions
+(``distributions/<model>/``), the candidate manifests,
 the derived artifacts (``outcomes.parquet`` and the stage tables, recorded in
 ``artifacts.json``). :func:`evidence_digests` hashes all of them; ``verdict.json`` stores the
 digests and a seal, the sha256 of the verdict's own content including those digests.
@@ -32,6 +33,8 @@ EVIDENCE_PATTERNS = (
     "frozen/*",
     "outputs/*/part-*.parquet",
     "outputs/*/_COMPLETE.json",
+    "distributions/*/part-*.parquet",
+    "distributions/*/_COMPLETE.json",
     "candidates/*.json",
     "outcomes.parquet",
     "tables/*.parquet",
@@ -89,8 +92,9 @@ def verify_run(run: Run) -> None:
         Naming each store part or artifact that was deleted, added or changed.
     """
     problems: list[str] = []
-    outputs = run.root / "outputs"
-    for folder in sorted(outputs.iterdir()) if outputs.is_dir() else []:
+    stores = [run.root / "outputs", run.root / "distributions"]
+    folders = [f for s in stores if s.is_dir() for f in sorted(s.iterdir())]
+    for folder in folders:
         if folder.is_dir():
             try:
                 OutputStore(folder).verify()

@@ -10,6 +10,7 @@ folder (``compkit run STUDY --out runs/NAME``):
   2    ``candidates``   ``02_run_candidates.ipynb``       run the candidates on the frozen inputs
   3    ``drilldown``    ``03_slice_drilldown.ipynb``      deltas, slices, flips, noise floor
   4    ``calibration``  ``04_calibration.ipynb``          confidence and calibration
+  4b   ``robustness``   ``04b_robustness.ipynb``          perturbations, distributions, artifacts
   5    ``serving``      ``05_serving.ipynb``              latency, throughput, memory, cost (served
                                                           models only: those with ``serving:``)
   7    ``memo``         ``07_acceptance_memo.ipynb``      verdicts, ``verdict.json``, ``memo.html``
@@ -155,6 +156,8 @@ def _serving(inputs: StageInputs) -> dict[str, Any]:
 
 #: What the comparison stages read: the frozen inputs, every model's outputs and the outcomes.
 _OUTPUTS = ("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json", "outcomes.parquet")
+#: The robustness stage also reads the teacher-forced token distributions.
+_DISTRIBUTIONS = (*_OUTPUTS, "distributions/*/_COMPLETE.json")
 
 #: The stages in execution order. Notebooks get ``progress=False``: tqdm bars inside an
 #: executed notebook are noise, and a parameter that changes with ``--quiet`` would defeat
@@ -188,6 +191,14 @@ STAGES: tuple[Stage, ...] = (
         _calibration,
         needs_candidates=True,
         reads=_OUTPUTS,
+    ),
+    Stage(
+        "robustness",
+        "04b_robustness.ipynb",
+        "perturbation gaps, token-level KL and distribution shifts, numerical artifacts",
+        _run_only,
+        needs_candidates=True,
+        reads=_DISTRIBUTIONS,
     ),
     Stage(
         "serving",

@@ -119,4 +119,17 @@ def load_frozen_budget(
     status = budget_status(run)
     if status.frozen_path is None or not status.frozen_intact:
         raise CompkitError(status.message)
-    return load_budget(status.frozen_path, slices=slices if slices is not None else run.slices())
+    return load_budget(
+        status.frozen_path, slices=slices if slices is not None else run_vocabulary(run)
+    )
+
+
+def run_vocabulary(run: Run) -> dict[str, tuple[str, ...] | None]:
+    """Slice values a frozen run's rules may name: its slices, and its perturbation names."""
+    from kit.budget.grammar import PERTURBATION_SLICE, slice_vocabulary
+
+    vocab: dict[str, tuple[str, ...] | None] = dict(slice_vocabulary(run.slices()))
+    config = run.manifest.inputs.perturbations
+    if config:
+        vocab[PERTURBATION_SLICE] = tuple(s.get("name") or s["kind"] for s in config["suite"])
+    return vocab

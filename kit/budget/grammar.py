@@ -55,7 +55,7 @@ tickets/messages), ``in German``. A bare value is looked up among the known slic
    A negation flips the comparator. Also ``must be 80 percent or more``.
 
 Numbers take ``%``/``percent`` (shares become fractions: 0.5 percent = 0.005), ``ms``/
-``seconds``, ``MB``/``GB``, ``tokens/s``, ``requests/s``, ``$``/``USD``; a bare number is
+``seconds``, ``MB``/``GB``, ``tokens/s``, ``requests/s``, ``$``/``USD``, ``nats``; a bare number is
 read in the metric's own unit (a share must then be <= 1). Anything the grammar cannot say
 goes in the structured form of a rule (``metric``, ``slice: column=value``, ``bound: {op,
 value}`` or ``bound: {change: points|absolute|relative|no_increase|no_decrease, op, limit}``
@@ -93,7 +93,14 @@ from pydantic import ValidationError as PydanticError
 
 from kit.errors import CompkitError
 from kit.evalset import TASKS
-from kit.metrics import LOAD_SLICES, METRICS, MetricSpec, format_limit, phrase_index
+from kit.metrics import (
+    LOAD_SLICES,
+    METRICS,
+    MetricSpec,
+    format_limit,
+    phrase_index,
+    shift_metric,
+)
 from kit.metrics import metric as metric_spec
 from kit.safeyaml import read_yaml
 
@@ -104,6 +111,8 @@ Verdict = Literal["pass", "fail", "inconclusive", "not measured"]
 OP_SYMBOL = {"<": "<", "<=": "≤", ">": ">", ">=": "≥"}
 #: Slice columns whose values are sets of gold labels (recall rules need one).
 LABEL_SLICES = ("label_rarity",)
+#: The slice column of perturbed items (kit.perturb); rules on it bound robustness metrics.
+PERTURBATION_SLICE = "perturbation"
 
 
 # --------------------------------------------------------------------------- value objects
@@ -269,11 +278,14 @@ SliceVocabulary = Mapping[str, Sequence[str] | None]
 
 def default_slice_vocabulary() -> dict[str, tuple[str, ...] | None]:
     """Known slice columns and values when no data is given (``None``: any value)."""
+    from kit.perturb import PERTURBATIONS
+
     return {
         "task": tuple(TASKS),
         "language": None,
         "length_bucket": None,
         "label_rarity": ("rare", "common"),
+        PERTURBATION_SLICE: tuple(PERTURBATIONS),
     }
 
 
@@ -424,7 +436,7 @@ _UNIT = (
     r"(?:\s*(?P<unit>%|percentage\s+points?|percent\s+points?|percent|per\s+cent|pct|points?|pts?"
     r"|pp|p\.p\.|milliseconds?|msecs?|ms|seconds?|secs?|s|megabytes?|mib|mb|gigabytes?|gib|gb"
     r"|tokens?/s|tokens?\s+per\s+second|tok/s|requests?/s|requests?\s+per\s+second|req/s|rps"
-    r"|usd|dollars?|cents?))?"
+    r"|usd|dollars?|cents?|nats?))?"
 )
 _REL = r"(?P<rel>\s+relative(?:ly)?(?:\s+to\s+(?:the\s+)?baseline)?)?"
 _UNIT_WORDS = {
@@ -437,6 +449,7 @@ _UNIT_WORDS = {
     "tokens/s": ("tok/s",),
     "USD": ("usd", "dollar", "dollars"),
     "cent": ("cent", "cents"),
+    "nats": ("nat", "nats"),
 }
 _UNIT_FAMILY = {word: family for family, words in _UNIT_WORDS.items() for word in words}
 
@@ -756,14 +769,116 @@ def parse_rule(
     ChangeBound(kind='points', op='>=', limit=-0.01)
     """
     vocab = _vocab(slices)
-    rest, phrase_slice = _extract_slice(_normalise(text), vocab)
-    metric, bound, subject_slice = _parse_predicate(rest.strip(), vocab)
-    if phrase_slice and subject_slice and phrase_slice != subject_slice:
-        raise CompkitError(f"a rule names one slice; found {subject_slice} and {phrase_slice}")
-    chosen = phrase_slice or subject_slice
+    rest, perturbation, perturbed = _extract_perturbation(_normalise(text), vocab)
+    rest, phrase_slice = _extract_slice(rest, vocab)
+    if perturbed:
+        metric, bound, subject_slice = _parse_perturbed(rest.strip(), vocab)
+    else:
+        metric, bound, subject_slice = _parse_predicate(rest.strip(), vocab)
+    found = list(dict.fromkeys(s for s in (perturbation, phrase_slice, subject_slice) if s))
+    if len(found) > 1:
+        raise CompkitError(f"a rule names one slice; found {', '.join(map(str, found))}")
+    chosen = found[0] if found else None
+    if not perturbed and chosen is not None and chosen.column == PERTURBATION_SLICE:
+        metric, bound = _under_perturbation(metric, bound)
     _check_metric_slice(metric, chosen)
     _check_threshold(metric, bound)
     return Rule(text=text.strip(), metric=metric, bound=bound, slice=chosen, why=why, id=id)
+
+
+# --------------------------------------------------------------------------- perturbations
+
+_THAN_BASELINE = (
+    r"(?:more|further|beyond)\s+than\s+(?:that\s+of\s+|those\s+of\s+)?(?:the\s+)?"
+    r"baseline(?:'s)?(?:\s+(?:does|did|drop|drops|change|shift|one))?"
+)
+_GAP_RE = re.compile(
+    rf"^(?P<subj>.+?)\s+{_CHAIN}{_VERB}\s+(?:{_AMOUNT})\s+{_NUM}{_UNIT}{_REL}\s+{_THAN_BASELINE}$"
+)
+_GAP_NONE_RE = re.compile(rf"^(?P<subj>.+?)\s+{_CHAIN}{_VERB}\s+(?:any\s+)?{_THAN_BASELINE}$")
+_LEVEL_HINT = (
+    "bound its drop ('accuracy under typos may drop at most 5 points') or its gap to the "
+    "baseline's ('accuracy under typos may drop at most 3 points more than the baseline's')"
+)
+
+
+def _extract_perturbation(text: str, vocab) -> tuple[str, SliceRef | None, bool]:
+    """``under <perturbation>`` / ``with <perturbation>`` (one of the suite's names), or
+    ``under perturbations`` (pooled over the suite): the rest of the text, the slice, and
+    whether the rule is about perturbed copies."""
+    names = [str(v) for v in (vocab.get(PERTURBATION_SLICE) or ())]
+    if names:
+        alternatives = sorted(
+            (re.escape(_key(n)).replace(r"\ ", r"[ _\-]") for n in names), key=len, reverse=True
+        )
+        named = re.compile(
+            r"\s+(?:under|with)\s+(?:the\s+)?(?:perturbation\s+)?"
+            rf"(?P<name>{'|'.join(alternatives)})(?:\s+perturbations?)?\b"
+        )
+        m = named.search(text)
+        if m:
+            want = re.sub(r"[ _\-]", " ", m.group("name"))
+            value = next(n for n in names if _key(n) == want)
+            return text[: m.start()] + text[m.end() :], SliceRef(PERTURBATION_SLICE, value), True
+    pooled = re.compile(r"\s+(?:under|with|across)\s+(?:(?:any|all|every|the)\s+)?perturbations?\b")
+    m = pooled.search(text)
+    if m:
+        return text[: m.start()] + text[m.end() :], None, True
+    return text, None, False
+
+
+def _shift_spec(metric: str) -> MetricSpec:
+    spec = metric_spec(metric)
+    if spec.stage == "robustness":
+        return spec
+    name = shift_metric(metric)
+    if name is None:
+        shifts = sorted(m.removesuffix("_shift") for m in METRICS if m.endswith("_shift"))
+        raise CompkitError(
+            f"{metric} is not measured under perturbations; the robustness stage measures "
+            f"{', '.join(shifts)} (and the perturbation flip rate)"
+        )
+    return METRICS[name]
+
+
+def _parse_perturbed(text: str, vocab) -> tuple[str, Bound, SliceRef | None]:
+    """A rule about perturbed copies: the gap form, else any predicate on the shift."""
+    for pattern in (_GAP_RE, _GAP_NONE_RE):
+        m = pattern.match(text)
+        if not m:
+            continue
+        base, subject_slice = _resolve_subject(m.group("subj"), vocab)
+        spec = _shift_spec(base)
+        if pattern is _GAP_NONE_RE:
+            return spec.name, _no_change_rule(m, spec), subject_slice
+        amount = m.group("amt") or m.group("amt_by")
+        bound = _change_rule(m, spec, amount_word=amount)
+        if bound.kind == "relative":
+            raise CompkitError(
+                "a robustness gap is bounded in points, not relative to the baseline"
+            )
+        return spec.name, bound, subject_slice
+    metric, bound, subject_slice = _parse_predicate(text, vocab)
+    metric, bound = _under_perturbation(metric, bound)
+    return metric, bound, subject_slice
+
+
+def _under_perturbation(metric: str, bound: Bound) -> tuple[str, Bound]:
+    """A predicate on a metric under a perturbation bounds the candidate's own shift (its
+    value): "accuracy under typos may drop at most 5 points" is shift >= -5 points."""
+    spec = metric_spec(metric)
+    if spec.stage == "robustness":
+        return metric, bound
+    shift = _shift_spec(metric)
+    if isinstance(bound, AbsoluteBound):
+        raise CompkitError(f"a level of {metric} under a perturbation is not judged; {_LEVEL_HINT}")
+    if bound.kind == "relative":
+        raise CompkitError(f"a relative change under a perturbation is not judged; {_LEVEL_HINT}")
+    if bound.kind == "no_decrease":
+        return shift.name, AbsoluteBound(">=", 0.0)
+    if bound.kind == "no_increase":
+        return shift.name, AbsoluteBound("<=", 0.0)
+    return shift.name, AbsoluteBound(bound.op, bound.limit)
 
 
 def _check_threshold(name: str, bound: Bound) -> None:

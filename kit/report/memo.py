@@ -250,7 +250,11 @@ def evidence_figures(run_dir: str | Path) -> list[Figure]:
                 lambda: cal.reliability_chart(bins),
             )
         )
-    return figures + serving_figures(run_dir, quality=table, metric=metric)
+    return (
+        figures
+        + robustness_figures(run_dir)
+        + serving_figures(run_dir, quality=table, metric=metric)
+    )
 
 
 def serving_figures(run_dir: Path, *, quality: pd.DataFrame | None, metric: str) -> list[Figure]:
@@ -306,6 +310,48 @@ def serving_figures(run_dir: Path, *, quality: pd.DataFrame | None, metric: str)
                 "Share of requests per failure class (HTTP error, timeout, interrupted stream, "
                 "unparseable answer) per model and profile.",
                 lambda: srv.error_chart(errors),
+            )
+        )
+    return figures
+
+
+def robustness_figures(run_dir: str | Path) -> list[Figure]:
+    """The robustness stage's charts: perturbation x candidate heat map, KL percentiles,
+    numerical artifacts (those whose tables exist and hold rows)."""
+    from kit.report.charts import robustness as rob
+
+    run_dir = Path(run_dir)
+    gaps, pct = _read(run_dir, "robustness_evidence"), _read(run_dir, "kl_percentiles")
+    rates = _read(run_dir, "artifact_rates")
+    figures = []
+    if gaps is not None and (gaps["metric"] == "accuracy_shift").any():
+        figures.append(
+            _figure(
+                "perturbations",
+                "Robustness gap per perturbation",
+                "Per candidate and perturbation: its accuracy shift (perturbed copy minus "
+                "original) minus the baseline's, in points; red is a larger drop than the "
+                "baseline's, * marks an interval that excludes 0.",
+                lambda: rob.perturbation_heatmap(gaps),
+            )
+        )
+    if pct is not None and len(pct):
+        figures.append(
+            _figure(
+                "kl",
+                "Token KL percentiles",
+                "KL(baseline || candidate) per token of the baseline's answers (teacher "
+                "forcing), at llama.cpp's percentiles; dashed: the top-k truncation bound.",
+                lambda: rob.kl_percentile_chart(pct),
+            )
+        )
+    if rates is not None and len(rates):
+        figures.append(
+            _figure(
+                "artifacts",
+                "Numerical artifacts",
+                "Empty, looping, truncated and NaN/inf-logit answers on the clean items.",
+                lambda: rob.artifact_chart(rates),
             )
         )
     return figures
@@ -422,6 +468,98 @@ def _noise_rows(run_dir: Path) -> list[dict[str, str]]:
     ]
 
 
+def _robustness(run_dir: Path) -> dict[str, Any]:
+    """The memo's robustness section: gap rows, token-distribution rows, artifact rows
+    (empty lists where the robustness stage has not run or measured nothing)."""
+    import json
+
+    gaps = _read(run_dir, "robustness_evidence")
+    stats = _read(run_dir, "kl_statistics")
+    rates = _read(run_dir, "artifact_rates")
+    provenance = run_dir / "tables" / "robustness.json"
+    status = (
+        json.loads(provenance.read_text(encoding="utf-8")).get("distributions", {})
+        if provenance.is_file()
+        else {}
+    )
+    return {
+        "ran": gaps is not None,
+        "gaps": _gap_rows(gaps),
+        "distributions": _distribution_rows(stats, status),
+        "artifacts": _artifact_rows(rates),
+    }
+
+
+def _gap_rows(gaps: pd.DataFrame | None) -> list[dict[str, str]]:
+    if gaps is None:
+        return []
+    rows = gaps[gaps["metric"] == "accuracy_shift"]
+    out = []
+    for r in rows.to_dict("records"):
+        pooled = r["slice"] == "overall"
+        out.append(
+            {
+                "candidate": r["model"],
+                "perturbation": "pooled" if pooled else r["slice_value"],
+                "shift": format_number(r["value"], unit="share", quantity="change"),
+                "baseline_shift": format_number(
+                    r["baseline_value"], unit="share", quantity="change"
+                ),
+                "gap": format_number(r["delta"], unit="share", quantity="change"),
+                "ci": format_ci(r["ci_low"], r["ci_high"], unit="share", quantity="change"),
+                "method": METHODS.get(_text(r["delta_method"]), _text(r["delta_method"]) or "–"),
+                "n": _count(r["n"]),
+            }
+        )
+    return out
+
+
+def _distribution_rows(stats: pd.DataFrame | None, status: dict) -> list[dict[str, str]]:
+    wide = (
+        stats.pivot(index="model", columns="statistic", values="value")
+        if stats is not None and len(stats)
+        else pd.DataFrame()
+    )
+    out = []
+    for name, st in status.items():
+        row = {"candidate": name, "status": st.get("status", ""), "reason": st.get("reason", "")}
+        if st.get("status") == "scored" and name in wide.index:
+            row |= _kl_cells(wide.loc[name])
+        else:
+            row |= dict.fromkeys(("mean_kl", "p99_kl", "max_kl", "same_top", "delta_p"), "–")
+            row |= {"positions": "–", "tail": "–"}
+        out.append(row)
+    return out
+
+
+def _kl_cells(v: pd.Series) -> dict[str, str]:
+    return {
+        "mean_kl": f"{v['mean_kl']:.4g} ± {v['sd_kl']:.3g}",
+        "p99_kl": f"{v['kl_p99']:.4g}",
+        "max_kl": f"{v['max_kl']:.4g}",
+        "same_top": format_number(v["same_top"], unit="share"),
+        "delta_p": format_number(v["mean_delta_p"], unit="share", quantity="change"),
+        "positions": _count(v["positions"]),
+        "tail": f"{v['mean_p_tail']:.2g}",
+    }
+
+
+def _artifact_rows(rates: pd.DataFrame | None) -> list[dict[str, str]]:
+    if rates is None:
+        return []
+    clean = rates[rates["items"] == "clean"]
+    return [
+        {
+            "model": r["model"],
+            "metric": r["metric"],
+            "rate": format_number(r["rate"], unit="share"),
+            "ci": format_ci(r["ci_low"], r["ci_high"], unit="share", quantity="value"),
+            "count": f"{int(r['count'])} / {int(r['n'])}",
+        }
+        for r in clean.to_dict("records")
+    ]
+
+
 def _undecided(report: VerdictReport) -> list[dict[str, str]]:
     return [
         {
@@ -479,6 +617,7 @@ def memo_context(
         "candidates": _candidate_facts(run_dir),
         "baseline_facts": _baseline_facts(manifest),
         "noise": _noise_rows(run_dir),
+        "robustness": _robustness(run_dir),
         "repeats": manifest.inputs.repeats,
         "undecided": _undecided(report),
         "evidence": [e.model_dump() for e in report.evidence],
