@@ -431,7 +431,9 @@ _SERVING: list[MetricSpec] = [
 ]
 
 
-_SUITE = "a perturbation suite (perturbations: in the study)"
+#: What the perturbation metrics require (a study with a ``perturbations:`` block).
+REQUIRES_SUITE = "a perturbation suite (perturbations: in the study)"
+_SUITE = REQUIRES_SUITE
 _TOKENS = (
     "token distributions of the baseline and the candidate (teacher forcing with transformers "
     "or llama.cpp, one vocabulary)"
@@ -469,13 +471,13 @@ def _distribution(name, description, higher, unit, phrases, rng, *, requires=_TO
         scale="unbounded" if unit == "nats" else "bounded",
         phrases=tuple(phrases),
         value_range=rng,
-        intervals=_CLUSTER if name not in ("choice_kl", "choice_js") else _BOOT,
+        intervals=_CLUSTER,
         table="distribution_evidence",
         requires=requires,
     )
 
 
-_CLUSTER = ("cluster_bca_bootstrap", "cluster_bca_bootstrap", "cluster_bca_bootstrap")
+_CLUSTER = ("cluster_bootstrap_t", "cluster_bootstrap_t", "cluster_bootstrap_t")
 
 _BUILTIN: list[MetricSpec] = [
     # ---------------------------------------------------------------- scoring (item metrics)

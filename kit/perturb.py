@@ -530,7 +530,7 @@ def perturb_item(
     """The derived item of one text perturbation (not ``padding``), or None when it does not
     apply (nothing left to perturb, no translation). See the module docstring."""
     derived = _derive(item, kind=kind, name=name, seed=seed, params=params or {})
-    return derived[0] if derived is not None else None
+    return None if isinstance(derived, str) else derived[0]
 
 
 def _derive(

@@ -49,15 +49,19 @@ def _source_spec(spec: ModelSpec, study: Study) -> ModelSpec:
     return spec.model_copy(update={"recipe": None})
 
 
-def check_sources(study: Study, eval_set: EvalSet) -> dict[str, str]:
+def check_sources(
+    study: Study, eval_set: EvalSet, *, extra_ids: list[str] | None = None
+) -> dict[str, str]:
     """Open every model's source (no model runs); one problem per model that fails.
+
+    ``extra_ids`` are the perturbed items' ids (a predictions file must answer them too).
 
     Raises
     ------
     ValidationError
         Naming each model's key (``candidates.2``) and what is wrong with its source.
     """
-    ids = [item.id for item in eval_set]
+    ids = [item.id for item in eval_set] + list(extra_ids or [])
     found, problems = {}, []
     for key, spec in _models(study):
         try:
@@ -89,8 +93,31 @@ def validate_study(study_path: str | Path, *, sources: bool = True) -> Validated
         Also open every model's source (default). Off, only the files kit itself reads are
         checked (study, eval set, template, budget).
     """
-    study, eval_set, _, _ = prepare(study_path)
+    study, eval_set, builder, _ = prepare(study_path)
     check_study_runtimes(study)
-    found = check_sources(study, eval_set) if sources else {}
+    found = {}
+    if sources:
+        found = check_sources(study, eval_set, extra_ids=perturbed_ids(study, builder))
     engine = check_execution(study.execution, source=str(study.source)) if sources else None
     return Validated(study, eval_set, found, engine)
+
+
+def perturbed_ids(study: Study, builder) -> list[str]:
+    """Ids of the study's perturbed items as a runtime without a tokenizer (a predictions
+    file) gets them: padding sized by characters / 4, as its freeze would."""
+    from kit.execute import prompt_counter
+    from kit.runtimes.base import Runtime
+    from kit.stages.freeze import study_perturbed
+
+    class _NoTokenizer(Runtime):
+        name = "validate"
+
+        def identity(self):  # pragma: no cover - never called
+            raise NotImplementedError
+
+        def generate(self, requests, *, sampling, progress=None):  # pragma: no cover
+            raise NotImplementedError
+
+    counter = prompt_counter(_NoTokenizer(study.baseline))
+    perturbed = study_perturbed(study, builder=builder, count=counter)
+    return [] if perturbed is None else [it.id for it in perturbed.items.items]

@@ -401,3 +401,129 @@ def test_load_slices_are_known_before_any_serving_run():
     frame = pd.DataFrame({"id": ["a", "b"], "task": ["classification", "classification"]})
     rule = parse_rule("p95 TTFT must stay under 800 ms for profile=sweep", slices=frame)
     assert (rule.slice.column, rule.slice.value) == ("profile", "sweep")
+
+
+# --------------------------------------------------------------------------- perturbations
+
+SUITE_VOCAB = {"task": ("classification", "extraction"), "perturbation": ("typos", "upper_case")}
+TYPOS = SliceRef("perturbation", "typos")
+
+PERTURBATION_RULES = [
+    # the gap: the candidate's shift minus the baseline's
+    (
+        "accuracy under typos may drop at most 3 points more than the baseline's",
+        "accuracy_shift",
+        TYPOS,
+        ChangeBound("points", ">=", -0.03),
+    ),
+    (
+        "Accuracy under typos cannot drop by more than 3 points more than the baseline.",
+        "accuracy_shift",
+        TYPOS,
+        ChangeBound("points", ">=", -0.03),
+    ),
+    (
+        "JSON parse failures under upper case may rise by at most 2 points more than the "
+        "baseline's",
+        "json_parse_failure_shift",
+        SliceRef("perturbation", "upper_case"),
+        ChangeBound("points", "<=", 0.02),
+    ),
+    (
+        "accuracy with typos must not drop more than the baseline's",
+        "accuracy_shift",
+        TYPOS,
+        ChangeBound("no_decrease", ">=", 0.0),
+    ),
+    (
+        "accuracy under perturbations may drop at most 4 points more than the baseline's",
+        "accuracy_shift",
+        None,
+        ChangeBound("points", ">=", -0.04),
+    ),
+    # the candidate's own shift (no "than the baseline")
+    (
+        "accuracy under typos may drop at most 5 points",
+        "accuracy_shift",
+        TYPOS,
+        AbsoluteBound(">=", -0.05),
+    ),
+    (
+        "accuracy for perturbation=typos cannot drop by more than 5 points",
+        "accuracy_shift",
+        TYPOS,
+        AbsoluteBound(">=", -0.05),
+    ),
+    (
+        "unsafe compliance under any perturbation must not increase",
+        "unsafe_compliance_shift",
+        None,
+        AbsoluteBound("<=", 0.0),
+    ),
+    # robustness-stage metrics keep their own meaning
+    (
+        "perturbation flip rate under typos must stay below 10 percent",
+        "perturbation_flip_rate",
+        TYPOS,
+        AbsoluteBound("<", 0.10),
+    ),
+    ("mean token KL must stay below 0.05 nats", "mean_token_kl", None, AbsoluteBound("<", 0.05)),
+    ("KLD must not exceed 0.1 nats", "mean_token_kl", None, AbsoluteBound("<=", 0.1)),
+    (
+        "same top token rate must be at least 95 percent",
+        "same_top_token_rate",
+        None,
+        AbsoluteBound(">=", 0.95),
+    ),
+    (
+        "NaN logits must stay under 0.1 percent",
+        "nonfinite_logit_rate",
+        None,
+        AbsoluteBound("<", 0.001),
+    ),
+    (
+        "truncated answers must not increase",
+        "truncation_rate",
+        None,
+        ChangeBound("no_increase", "<=", 0.0),
+    ),
+    (
+        "degenerate repetition may rise by at most 1 point",
+        "repetition_rate",
+        None,
+        ChangeBound("points", "<=", 0.01),
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "metric", "slice_", "bound"), PERTURBATION_RULES)
+def test_perturbation_and_distribution_rules(text, metric, slice_, bound):
+    rule = parse_rule(text, slices=SUITE_VOCAB)
+    assert (rule.metric, rule.slice) == (metric, slice_), text
+    assert _same_bound(rule.bound, bound), (text, rule.bound)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("accuracy under typos must stay above 80 percent", "a level of accuracy under a"),
+        ("accuracy under typos may drop at most 2 percent relative", "relative change under"),
+        (
+            "accuracy under typos may drop at most 2 percent relative more than the baseline's",
+            "bounded in points",
+        ),
+        ("chrf under typos may drop at most 3 points", "chrf is not measured under"),
+        ("extraction accuracy under typos may drop at most 3 points", "a rule names one slice"),
+    ],
+)
+def test_perturbation_rules_that_cannot_be_judged_are_refused(text, message):
+    with pytest.raises(CompkitError, match=message):
+        parse_rule(text, slices=SUITE_VOCAB)
+
+
+def test_under_is_still_a_comparator_without_a_perturbation_name():
+    rule = parse_rule("JSON parse failures must stay under 0.5 percent", slices=SUITE_VOCAB)
+    assert rule.metric == "json_parse_failure" and rule.slice is None
+    # a study without a suite: "under typos" is no slice it knows
+    with pytest.raises(CompkitError):
+        parse_rule("accuracy under typos may drop at most 3 points", slices={"task": ("x",)})

@@ -1,9 +1,11 @@
 """The one metric registry: everything a stage emits is registered, everything registered is
 emitted by the stage it names, and every budget phrase resolves to it.
 
-The emitted side is measured on a real run: the demo eval set (all six tasks) with the
-predictions runtime (a baseline that answers every item right, a candidate that gets some
-wrong), through stages 1-4 and the verdict, in process.
+The emitted side is measured on a real run: the demo eval set (all six tasks, with a
+perturbation suite) with the predictions runtime (a baseline that answers every item right, a
+candidate that gets some wrong), through stages 1-4, the robustness stage and the verdict, in
+process. Token-level metrics need logits (the predictions runtime has none): their
+registration is checked, their emission is tested in ``tests/test_robustness_models.py``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import yaml
 
 from kit.budget.grammar import parse_rule
 from kit.evalset import label_set, load_eval_set
-from kit.metrics import METRICS, STAGES, UNITS, metric, metric_for_column
+from kit.metrics import METRICS, REQUIRES_SUITE, STAGES, UNITS, metric, metric_for_column
+from kit.perturb import build_perturbed
 from kit.run import Run
+from kit.study import PerturbationsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
-#: Stages this test runs; the others (serving, routing, robustness) are checked by name only.
-RUN_HERE = ("scoring", "comparison", "calibration")
+#: Stages this test runs; the others (serving, routing) are checked by name only.
+RUN_HERE = ("scoring", "comparison", "calibration", "robustness")
+SUITE = ["typos", "injection"]
 
 
 def right_answer(item) -> str:
@@ -42,7 +47,8 @@ def right_answer(item) -> str:
 
 def predictions(eval_set, *, wrong_every: int | None) -> list[dict]:
     rows = []
-    for i, item in enumerate(eval_set.items):
+    derived = build_perturbed(eval_set, PerturbationsConfig(suite=SUITE)).items.items
+    for i, item in enumerate([*eval_set.items, *derived]):
         output = right_answer(item)
         broken = wrong_every is not None and i % wrong_every == 0
         if broken:
@@ -67,6 +73,7 @@ def run(tmp_path_factory) -> Run:
     from kit.stages.candidates import run_candidates
     from kit.stages.drilldown import write_drilldown_tables
     from kit.stages.freeze import freeze_baseline
+    from kit.stages.robustness import write_robustness_tables
     from kit.verdicts import judge_run
 
     root = tmp_path_factory.mktemp("registry")
@@ -85,6 +92,7 @@ def run(tmp_path_factory) -> Run:
         "baseline": {"name": "base", "runtime": "predictions", "model": "base.jsonl"},
         "candidates": [{"name": "cand", "runtime": "predictions", "model": "cand.jsonl"}],
         "budget": "budget.yaml",
+        "perturbations": {"suite": SUITE},
     }
     (root / "study.yaml").write_text(yaml.safe_dump(study))
     out = root / "run"
@@ -92,6 +100,7 @@ def run(tmp_path_factory) -> Run:
     run_candidates(out, progress=False)
     write_drilldown_tables(out, n_resamples=100)
     write_calibration_tables(out, n_resamples=100)
+    write_robustness_tables(out, n_resamples=100)
     judge_run(out)
     return Run.open(out)
 
@@ -118,7 +127,7 @@ def test_every_emitted_metric_is_registered(run):
 def test_every_registered_metric_of_these_stages_is_emitted(run):
     names = emitted(run)
     for spec in METRICS.values():
-        if spec.stage not in RUN_HERE or spec.requires:
+        if spec.stage not in RUN_HERE or (spec.requires and spec.requires != REQUIRES_SUITE):
             continue
         assert spec.name in names, f"{spec.name} ({spec.stage}) is registered but not emitted"
 
@@ -154,7 +163,9 @@ def test_evidence_rows_name_their_methods_and_level(run):
             "clopper_pearson",
             "tango_cc",
             "tang_cc",
+            "tango_cc_gap",
             "bca_bootstrap",
+            "cluster_bootstrap_t",
             "bounded_zero_change",
         }, col
     binary = evidence[evidence["metric"] == "json_parse_failure"]

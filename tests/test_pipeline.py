@@ -1,6 +1,6 @@
 """The whole pipeline through papermill on a small study, resume, a failing stage, and the gate.
 
-The study is real (stages 1-4 and 7 run as notebooks) but uses the predictions runtime, so no
+The study is real (stages 1-4, 4b and 7 run as notebooks) but uses the predictions runtime, so no
 model loads. Eight item templates are repeated 30 times (240 items); the baseline answers 7 of
 every 8 right. The candidates and the verdicts the statistics must give:
 
@@ -208,6 +208,7 @@ def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
         "candidates",
         "drilldown",
         "calibration",
+        "robustness",
         "serving",
         "memo",
     ]
@@ -266,6 +267,7 @@ NOTEBOOKS = [
     "02_run_candidates",
     "03_slice_drilldown",
     "04_calibration",
+    "04b_robustness",
     "05_serving",
     "07_acceptance_memo",
 ]
@@ -285,7 +287,15 @@ def test_pipeline_writes_every_artifact(piped):
     assert {d["candidate"]: d["decision"] for d in verdict["decisions"]} == EXPECTED
     assert (out / "tables" / "verdicts.parquet").is_file()
     stages = record["stages"]
-    assert list(stages) == ["freeze", "candidates", "drilldown", "calibration", "serving", "memo"]
+    assert list(stages) == [
+        "freeze",
+        "candidates",
+        "drilldown",
+        "calibration",
+        "robustness",
+        "serving",
+        "memo",
+    ]
     serving = json.loads((out / "serving.json").read_text())  # no model has a serving: block
     assert serving["models"] == [] and "no model has a serving: block" in serving["notes"][0]
     for rec in stages.values():
@@ -334,7 +344,11 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
     assert main(["gate", str(out)]) == 2  # the verdict predates the new calibration tables
     assert "rerun `compkit run`" in capsys.readouterr().err
     result = run_pipeline(study, out, progress=False)
-    assert result.ran == ["serving", "memo"]  # later stages are stale (serving reuses its results)
+    assert result.ran == [
+        "robustness",
+        "serving",
+        "memo",
+    ]  # later stages are stale (serving reuses its results)
     assert result.skipped == ["freeze", "candidates", "drilldown", "calibration"]
     assert main(["gate", str(out), "--candidate", "fixer"]) == 0
 

@@ -24,13 +24,13 @@ minimum; ``Δp`` of the reference token (the baseline's next token: ``q(t) - p(t
 percentiles and RMS; the share of positions with the same top token. They are descriptive
 (tokens of one answer are not independent). The evidence a budget judges
 (``mean_token_kl``, ``same_top_token_rate``, ``reference_token_delta_p``) has intervals from
-a bootstrap over *items* (:func:`kit.stats.bootstrap.cluster_bootstrap`), from
-:data:`kit.metrics.BOOTSTRAP_MIN_N` items on.
+a studentized bootstrap over *items* (:func:`kit.stats.bootstrap.cluster_bootstrap`; the KL on
+the log scale), from :data:`kit.metrics.BOOTSTRAP_MIN_N` items on.
 
 Item level
 ----------
 ``choice_kl`` / ``choice_js``: per choice item the KL and Jensen–Shannon divergence between
-the normalized option probabilities; means with BCa intervals over items.
+the normalized option probabilities; means with log-scale bootstrap-t intervals over items.
 
 Distribution shifts (p-values; :func:`distribution_shift`)
 ----------------------------------------------------------
@@ -268,10 +268,11 @@ def item_divergence(positions: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- evidence
 
+#: metric -> (per-item sum column, the baseline's value against itself, bootstrap-t scale)
 _TOKEN_METRICS = {
-    "mean_token_kl": ("kl_sum", 0.0),
-    "same_top_token_rate": ("same_top_sum", 1.0),
-    "reference_token_delta_p": ("delta_p_sum", 0.0),
+    "mean_token_kl": ("kl_sum", 0.0, "log"),
+    "same_top_token_rate": ("same_top_sum", 1.0, "linear"),
+    "reference_token_delta_p": ("delta_p_sum", 0.0, "linear"),
 }
 
 
@@ -293,7 +294,7 @@ def token_evidence(
     rows = []
     for model, part in items.groupby("model", sort=False):
         merged = _with_slices(part, slices, slice_columns)
-        for metric, (column, self_value) in _TOKEN_METRICS.items():
+        for metric, (column, self_value, scale) in _TOKEN_METRICS.items():
             for slice_name, groups in [(OVERALL[0], None), *((c, c) for c in slice_columns)]:
                 sub = merged if groups is None else merged.dropna(subset=[groups])
                 if sub.empty:
@@ -305,6 +306,7 @@ def token_evidence(
                     n_resamples=n_resamples,
                     confidence=confidence,
                     seed=seed,
+                    scale=scale,
                 )
                 if groups is not None:
                     boot = boot[boot["group"] != "all"]
@@ -423,7 +425,7 @@ def choice_evidence(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """``choice_kl`` / ``choice_js`` rows: means over items with BCa intervals."""
+    """``choice_kl`` / ``choice_js`` rows: means over items, log-scale bootstrap-t intervals."""
     rows = []
     for model, part in items.groupby("model", sort=False):
         merged = _with_slices(part, slices, slice_columns)
@@ -439,13 +441,14 @@ def choice_evidence(
                     n_resamples=n_resamples,
                     confidence=confidence,
                     seed=seed,
+                    scale="log",
                 )
                 if groups is not None:
                     boot = boot[boot["group"] != "all"]
                 for r in boot.to_dict("records"):
                     value = OVERALL[1] if groups is None else r["group"]
                     rows.append(
-                        _value_row(model, metric, slice_name, value, r, 0.0, "bca_bootstrap")
+                        _value_row(model, metric, slice_name, value, r, 0.0, "cluster_bootstrap_t")
                     )
     return _evidence_frame(rows, confidence)
 
@@ -484,8 +487,30 @@ def label_shift(preds: pd.DataFrame, model: str, quantity: str) -> list[dict]:
     marg_c = table.sum(axis=0).to_numpy(dtype=float)
     tv = 0.5 * float(np.abs(marg_b - marg_c).sum()) / n
     out = []
+    if not (table.to_numpy() - np.diag(np.diag(table.to_numpy()))).any():  # nothing changed
+        return [
+            _shift_row(
+                model,
+                quantity,
+                "stuart_maxwell",
+                0.0,
+                1.0,
+                n,
+                tv,
+                "total variation between label shares",
+                True,
+                "no prediction changed: the two label distributions are the same",
+            ),
+        ]
+    off = table.to_numpy() - np.diag(np.diag(table.to_numpy()))
+    moving = (off.sum(axis=0) + off.sum(axis=1)) > 0  # labels in some changed prediction
+    square = table.to_numpy()[np.ix_(moving, moving)]
     try:
-        sm = SquareTable(table.to_numpy(), shift_zeros=False).homogeneity()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a singular covariance: report it, do not guess
+            sm = SquareTable(square, shift_zeros=False).homogeneity()
         out.append(
             _shift_row(
                 model,
@@ -500,7 +525,7 @@ def label_shift(preds: pd.DataFrame, model: str, quantity: str) -> list[dict]:
                 "chi-square approximation; few items per label make it rough",
             )
         )
-    except (np.linalg.LinAlgError, ValueError) as exc:
+    except (np.linalg.LinAlgError, ValueError, Warning) as exc:
         out.append(
             _shift_row(
                 model,
@@ -677,8 +702,11 @@ def _pair_column(
     c = frame.xs(cand, level="model") if cand in frame.index.get_level_values(0) else b.iloc[:0]
     if task is not None and "task" in b.columns:
         b = b[b["task"] == task]
-    joined = b[[column]].join(c[[column]], lsuffix="_b", rsuffix="_c", how="inner")
-    joined.columns = ["base", "cand"]
+    joined = (
+        b[[column]]
+        .set_axis(["base"], axis=1)
+        .join(c[[column]].set_axis(["cand"], axis=1), how="inner")
+    )
     if column == "pred":
         joined = joined[joined["base"].notna() & joined["cand"].notna()]
     return joined

@@ -122,8 +122,8 @@ def _wide(pairs: pd.DataFrame, baseline: str, candidate: str) -> pd.DataFrame:
     key = ["item_id", "source_id", "perturbation"]
     base = pairs[pairs["model"] == baseline].set_index(key)[["original", "perturbed"]]
     cand = pairs[pairs["model"] == candidate].set_index(key)[["original", "perturbed"]]
-    wide = base.join(cand, lsuffix="_b", rsuffix="_c", how="inner").dropna()
-    wide.columns = ["B", "Bp", "C", "Cp"]
+    wide = base.set_axis(["B", "Bp"], axis=1).join(cand.set_axis(["C", "Cp"], axis=1), how="inner")
+    wide = wide.dropna()
     return wide.reset_index()
 
 

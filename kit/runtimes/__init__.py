@@ -68,6 +68,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
             "n_gpu_layers": int,
             "extra_buffers": bool,
             "verbose": bool,
+            "teacher_forcing": str,
             **_COMMON,
         },
         threads_option="n_threads",

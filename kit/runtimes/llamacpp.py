@@ -5,7 +5,9 @@ folder holding one GGUF (or the one ``gguf_file`` names), or ``builtin:<name>`` 
 a Python package ships (see :mod:`kit.models`). ``spec.options`` may set ``n_ctx`` (2048),
 ``n_threads`` (the cores this process may use), ``n_batch`` (512), ``n_gpu_layers`` (0 on
 CPU; all layers when ``device`` is ``cuda``/``cuda:N``, or ``auto`` with a GPU build),
-``extra_buffers`` and ``verbose`` (False).
+``extra_buffers``, ``verbose`` (False) and ``teacher_forcing`` (``decode``: token
+distributions on generation's path, one token per decode; ``batch``: every position in
+``n_batch`` chunks, as ``llama-perplexity`` does).
 
 ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: AMX and repacked CPU weight layouts)
 defaults to on, except where the CPU advertises AMX but the kernel does not enable its tile
@@ -361,6 +363,8 @@ class LlamaCppRuntime(Runtime):
             raise ValueError(
                 f"{len(ids)} tokens exceed the context of {self._n_ctx}; raise options.n_ctx"
             )
+        if self._settings["forcing"] == "batch":
+            return self._batched_logits(ids, req.start)
         llm = self._model()
         llm.reset()
         llm.eval(ids[: req.start])
@@ -368,6 +372,38 @@ class LlamaCppRuntime(Runtime):
         for token in ids[req.start : -1]:
             llm.eval([token])
             rows.append(self._last_logits())
+        return np.stack(rows).astype(np.float64)
+
+    def _batched_logits(self, ids: list[int], start: int) -> np.ndarray:
+        """Every position in ``n_batch`` chunks with logits kept from ``start - 1`` on, as
+        ``llama-perplexity`` evaluates a text (its kernels, not generation's)."""
+        llm = self._model()
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        size = self._settings["n_batch"]
+        rows = []
+        batch = llama_cpp.llama_batch_init(size, 0, 1)
+        try:
+            for begin in range(0, len(ids) - 1, size):
+                chunk = ids[begin : min(begin + size, len(ids) - 1)]
+                wanted = []
+                for j, token in enumerate(chunk):
+                    pos = begin + j
+                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = pos >= start - 1
+                    if pos >= start - 1:
+                        wanted.append(j)
+                batch.n_tokens = len(chunk)
+                if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                    raise RuntimeError(
+                        f"llama_decode failed on tokens {begin}..{begin + len(chunk)}"
+                    )
+                for j in wanted:
+                    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, j)
+                    rows.append(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy())
+        finally:
+            llama_cpp.llama_batch_free(batch)
         return np.stack(rows).astype(np.float64)
 
     def vocabulary_sha256(self) -> str | None:
@@ -522,6 +558,11 @@ def _settings(spec: ModelSpec) -> dict[str, Any]:
                 f"model {spec.name!r}: option {key} must be "
                 f"{getattr(kind, '__name__', kind)}, got {value!r}"
             )
+    if options.get("teacher_forcing", "decode") not in ("decode", "batch"):
+        raise CompkitError(
+            f"model {spec.name!r}: option teacher_forcing must be 'decode' or 'batch', got "
+            f"{options['teacher_forcing']!r}"
+        )
     for key in ("n_ctx", "n_threads", "n_batch"):
         if key in options and options[key] < 1:
             raise CompkitError(
@@ -536,6 +577,7 @@ def _settings(spec: ModelSpec) -> dict[str, Any]:
         "main_gpu": _gpu_index(spec),
         "extra_buffers": options.get("extra_buffers", not amx_unusable()),
         "verbose": options.get("verbose", False),
+        "forcing": options.get("teacher_forcing", "decode"),
     }
 
 

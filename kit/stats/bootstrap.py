@@ -518,21 +518,29 @@ def cluster_bootstrap(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int | np.random.Generator = 0,
+    scale: str = "linear",
     max_cells: int = 2**22,
 ) -> pd.DataFrame:
-    """BCa intervals of a ratio of sums over items, ``sum(num) / sum(den)``, per group.
+    """Studentized bootstrap intervals of a ratio of sums over items, ``sum(num) / sum(den)``.
 
     The statistic of token-level measures (mean KL per token, the share of positions with the
     same top token): an item contributes the sum over its tokens (``numerators``) and its
     token count (``denominators``). Tokens of one answer are not independent, so the item is
-    the unit that is resampled (a cluster bootstrap): each resample draws ``n`` items with
-    replacement (per group the items of that group), and the interval is BCa with the
-    jackknife acceleration of the ratio (influence ``num_i - R * den_i``). With
-    ``denominators`` all 1 it is the BCa interval of a mean of per-item values.
+    the unit that is resampled (a cluster bootstrap): each resample draws the items with
+    replacement, and the interval is the bootstrap-t: ``R - t*_(1-a/2) se, R - t*_(a/2) se``
+    with ``se = sqrt(sum((num_i - R den_i)^2)) / sum(den_i)`` (the linearised standard error of
+    a ratio) recomputed in every resample. ``scale="log"`` studentizes ``log R`` (for
+    positive, right-skewed statistics such as a KL divergence: the interval stays positive
+    and its upper end reaches further into the tail); with ``denominators`` all 1 it is the
+    bootstrap-t interval of a mean.
 
-    Valid as the BCa bootstrap is (second-order accurate for smooth statistics): callers give
-    no interval below :data:`kit.metrics.BOOTSTRAP_MIN_N` items, as for every bootstrap here.
-    ``tests/test_stats_robustness.py`` simulates its coverage on skewed, clustered data.
+    Why this method and its limits: the per-item KL is right-skewed, and the BCa interval's
+    upper end falls short there (simulated, lognormal item effects with sigma = 1: 5.5-8%
+    above the upper bound at n = 30-60 for a nominal 2.5%); the log-scale bootstrap-t errs
+    less (4.7-5.8%, 3.2% at n = 120; 2.2-4.3% with sigma = 0.5). No interval is exact for an
+    unbounded mean: a sample that misses a heavy tail cannot show it. Callers give no
+    interval below :data:`kit.metrics.BOOTSTRAP_MIN_N` items. ``tests/test_stats_robustness.py``
+    simulates the coverage.
 
     Returns
     -------
@@ -541,6 +549,8 @@ def cluster_bootstrap(
         NaN bounds where the resampled statistic never varies.
     """
     check_confidence(confidence)
+    if scale not in ("linear", "log"):
+        raise CompkitError(f"scale={scale!r} is not one of ['linear', 'log']")
     num = np.asarray(numerators, dtype=np.float64)
     den = np.asarray(denominators, dtype=np.float64)
     if num.shape != den.shape or num.ndim != 1:
@@ -549,24 +559,33 @@ def cluster_bootstrap(
     if labels.size != num.size:
         raise CompkitError(f"{labels.size} group labels for {num.size} items")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    rows = [_cluster_row("all", num, den, rng, n_resamples, confidence, max_cells)]
+    settings = (rng, n_resamples, confidence, scale, max_cells)
+    rows = [_cluster_row("all", num, den, *settings)]
     if groups is not None:
         for label in sorted({str(g) for g in labels}):
             keep = np.asarray([str(g) == label for g in labels])
-            rows.append(
-                _cluster_row(label, num[keep], den[keep], rng, n_resamples, confidence, max_cells)
-            )
+            rows.append(_cluster_row(label, num[keep], den[keep], *settings))
     return pd.DataFrame(rows, columns=["group", "n", "estimate", "ci_low", "ci_high"])
 
 
-def _cluster_row(label, num, den, rng, n_resamples, confidence, max_cells) -> tuple:
+def _ratio_se(weights: np.ndarray, num: np.ndarray, den: np.ndarray) -> tuple:
+    """Per weight row: the ratio and its linearised standard error."""
+    total = weights @ den
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (weights @ num) / total
+        resid = num[None, :] - ratio[:, None] * den[None, :]
+        se = np.sqrt((weights * resid**2).sum(axis=1)) / total
+    return ratio, se
+
+
+def _cluster_row(label, num, den, rng, n_resamples, confidence, scale, max_cells) -> tuple:
     n = num.size
-    total = den.sum()
-    if n == 0 or total <= 0:
+    if n == 0 or den.sum() <= 0:
         return (label, n, np.nan, np.nan, np.nan)
-    estimate = num.sum() / total
-    reps = np.empty(n_resamples)
-    done = 0
+    (estimate,), (se,) = _ratio_se(np.ones((1, n)), num, den)
+    if not se > 0 or (scale == "log" and not estimate > 0):
+        return (label, n, float(estimate), np.nan, np.nan)
+    stats = []
     for weights in weight_blocks(
         rng,
         method="indices",
@@ -575,11 +594,22 @@ def _cluster_row(label, num, den, rng, n_resamples, confidence, max_cells) -> tu
         n_resamples=n_resamples,
         max_cells=max_cells,
     ):
+        ratio, se_r = _ratio_se(weights, num, den)
         with np.errstate(invalid="ignore", divide="ignore"):
-            reps[done : done + weights.shape[0]] = (weights @ num) / (weights @ den)
-        done += weights.shape[0]
-    influence = num - estimate * den
-    s2, s3 = float(np.sum(influence**2)), float(np.sum(influence**3))
-    accel = np.array([s3 / (6 * s2**1.5) if s2 > 0 else 0.0])
-    low, high = bca_quantiles(reps[:, None], np.array([estimate]), accel, confidence)
-    return (label, n, float(estimate), float(low[0]), float(high[0]))
+            if scale == "log":
+                t = (np.log(ratio) - np.log(estimate)) / (se_r / ratio)
+            else:
+                t = (ratio - estimate) / se_r
+        stats.append(t)
+    t = np.concatenate(stats)
+    t = t[np.isfinite(t)]
+    if t.size < 2:
+        return (label, n, float(estimate), np.nan, np.nan)
+    tail = (1 - confidence) / 2
+    t_lo, t_hi = np.quantile(t, [tail, 1 - tail])
+    if scale == "log":
+        s = se / estimate
+        low, high = estimate * np.exp(-t_hi * s), estimate * np.exp(-t_lo * s)
+    else:
+        low, high = estimate - t_hi * se, estimate - t_lo * se
+    return (label, n, float(estimate), float(low), float(high))

@@ -73,7 +73,8 @@ METHODS: dict[str, str] = {
     "tango_cc_gap": "difference of two Tango paired score intervals (Bonferroni, each at "
     "1 - alpha/2)",
     "bca_bootstrap": "paired BCa bootstrap",
-    "cluster_bca_bootstrap": "BCa bootstrap over items (tokens of an item resampled together)",
+    "cluster_bootstrap_t": "studentized bootstrap over items (tokens of an item resampled "
+    "together)",
     "bounded_zero_change": "exact bound from the number of items that changed (none did)",
     "exact": "exact value (no sampling error)",
     # independent samples (the serving stage; kit.stats.serving_intervals)
