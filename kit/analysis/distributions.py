@@ -56,7 +56,7 @@ import pandas as pd
 from kit.analysis.compare import OVERALL, RESULT_COLUMNS
 from kit.errors import CompkitError
 from kit.metrics import BOOTSTRAP_MIN_N
-from kit.stats.bootstrap import cluster_bootstrap
+from kit.stats.bootstrap import cluster_bootstrap, zero_change_bound
 from kit.stats.intervals import proportion_ci
 
 #: Token-KL percentiles llama.cpp prints (as fractions).
@@ -310,14 +310,30 @@ def token_evidence(
                 )
                 if groups is not None:
                     boot = boot[boot["group"] != "all"]
+                flat = _flat_groups(sub, column, groups)
                 for r in boot.to_dict("records"):
                     value = OVERALL[1] if groups is None else r["group"]
+                    r["level"] = confidence
                     rows.append(
                         _value_row(
-                            model, metric, slice_name, value, r, self_value, "cluster_bca_bootstrap"
+                            model,
+                            metric,
+                            slice_name,
+                            value,
+                            r,
+                            self_value,
+                            "cluster_bootstrap_t",
+                            flat=flat.get(value, False),
                         )
                     )
     return _evidence_frame(rows, confidence)
+
+
+def _flat_groups(sub: pd.DataFrame, column: str, groups: str | None) -> dict[str, bool]:
+    """Per slice value: whether every item's per-position mean is the same (no variation)."""
+    per_item = sub[column] / sub["n_positions"]
+    keys = pd.Series(OVERALL[1], index=sub.index) if groups is None else sub[groups].astype(str)
+    return {k: bool(v.nunique() <= 1) for k, v in per_item.groupby(keys)}
 
 
 def _with_slices(part: pd.DataFrame, slices: pd.DataFrame | None, columns: Sequence[str]):
@@ -326,9 +342,24 @@ def _with_slices(part: pd.DataFrame, slices: pd.DataFrame | None, columns: Seque
     return part.join(slices.set_index("id")[list(columns)], on="item_id")
 
 
-def _value_row(model, metric, slice_name, slice_value, r, self_value, method) -> dict:
+#: Ranges of the bounded token metrics (an unchanged sample is bounded exactly inside them).
+_BOUNDED = {"same_top_token_rate": (0.0, 1.0), "reference_token_delta_p": (-1.0, 1.0)}
+
+
+def _value_row(model, metric, slice_name, slice_value, r, self_value, method, flat=False) -> dict:
     small = r["n"] < BOOTSTRAP_MIN_N
     lo, hi = (math.nan, math.nan) if small else (r["ci_low"], r["ci_high"])
+    note = (
+        f"fewer than {BOOTSTRAP_MIN_N} items: a bootstrap interval is not trusted here"
+        if small
+        else ""
+    )
+    if flat and metric in _BOUNDED and r["estimate"] == self_value:
+        # no item differs from the baseline: bound the share of items that could (exact)
+        low_end, high_end = _BOUNDED[metric]
+        width = (high_end - low_end) * float(zero_change_bound(r["n"], confidence=r["level"]))
+        lo, hi = max(low_end, r["estimate"] - width), min(high_end, r["estimate"] + width)
+        method, note = "bounded_zero_change", "no item differed from the baseline"
     return {
         "model": model,
         "slice": slice_name,
@@ -344,9 +375,7 @@ def _value_row(model, metric, slice_name, slice_value, r, self_value, method) ->
         "ci_high": hi - self_value,
         "value_method": method,
         "delta_method": method,
-        "note": f"fewer than {BOOTSTRAP_MIN_N} items: a bootstrap interval is not trusted here"
-        if small
-        else "",
+        "note": note,
     }
 
 
