@@ -5,9 +5,10 @@ folder holding one GGUF (or the one ``gguf_file`` names), or ``builtin:<name>`` 
 a Python package ships (see :mod:`kit.models`). ``spec.options`` may set ``n_ctx`` (2048),
 ``n_threads`` (the cores this process may use), ``n_batch`` (512), ``n_gpu_layers`` (0 on
 CPU; all layers when ``device`` is ``cuda``/``cuda:N``, or ``auto`` with a GPU build),
-``extra_buffers``, ``verbose`` (False) and ``teacher_forcing`` (``decode``: token
-distributions on generation's path, one token per decode; ``batch``: every position in
-``n_batch`` chunks, as ``llama-perplexity`` does).
+``extra_buffers``, ``verbose`` (False) and ``teacher_forcing`` (``batch``, the default:
+token distributions of every position in ``n_batch`` chunks, as ``llama-perplexity
+--kl-divergence`` computes them, about one prompt evaluation per item; ``decode``: on
+generation's path, one token per decode, which costs as much as generating again).
 
 ``extra_buffers`` (llama.cpp's ``use_extra_bufts``: AMX and repacked CPU weight layouts)
 defaults to on, except where the CPU advertises AMX but the kernel does not enable its tile
@@ -342,9 +343,11 @@ class LlamaCppRuntime(Runtime):
     def score_tokens(
         self, requests: Sequence[TokenScoreRequest], *, progress: Progress | None = None
     ) -> list[TokenScores]:
-        """Teacher forcing on the path generation takes: the prompt in one ``eval`` (n_batch
-        chunks), then one token per decode, reading the last position's logits each time, so
-        a token the model would generate gets exactly its generation logits."""
+        """Teacher forcing. ``teacher_forcing: batch`` (default): every position in ``n_batch``
+        chunks with logits kept from the first scored position on, as ``llama-perplexity``
+        evaluates a text. ``decode``: the path generation takes, the prompt in one ``eval``,
+        then one token per decode, so a token the model would generate gets exactly its
+        generation logits (quantized kernels for one token and for a batch differ slightly)."""
         results = []
         for req in requests:
             try:
@@ -558,7 +561,7 @@ def _settings(spec: ModelSpec) -> dict[str, Any]:
                 f"model {spec.name!r}: option {key} must be "
                 f"{getattr(kind, '__name__', kind)}, got {value!r}"
             )
-    if options.get("teacher_forcing", "decode") not in ("decode", "batch"):
+    if options.get("teacher_forcing", "batch") not in ("decode", "batch"):
         raise CompkitError(
             f"model {spec.name!r}: option teacher_forcing must be 'decode' or 'batch', got "
             f"{options['teacher_forcing']!r}"
@@ -577,7 +580,7 @@ def _settings(spec: ModelSpec) -> dict[str, Any]:
         "main_gpu": _gpu_index(spec),
         "extra_buffers": options.get("extra_buffers", not amx_unusable()),
         "verbose": options.get("verbose", False),
-        "forcing": options.get("teacher_forcing", "decode"),
+        "forcing": options.get("teacher_forcing", "batch"),
     }
 
 
