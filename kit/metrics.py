@@ -312,7 +312,7 @@ _SERVING: list[MetricSpec] = [
         _RATE,
         slices=LOAD_SLICES,
         overall=_POOLED,
-        phrases=("interrupted streams", "cut streams", "truncated answers"),
+        phrases=("interrupted streams", "cut streams", "truncated streams"),
     ),
     _served(
         "parse_failure_under_load",
@@ -657,7 +657,13 @@ _BUILTIN: list[MetricSpec] = [
         "share of answers cut off at max_new_tokens (finish reason 'length')",
         False,
         column="truncated",
-        phrases=("truncation", "truncated answer", "truncated output", "max token truncation"),
+        phrases=(
+            "truncation",
+            "truncated answer",
+            "truncated answers",
+            "truncated output",
+            "max token truncation",
+        ),
         requires="a runtime that reports why decoding stopped (not a predictions file)",
     ),
     _item(

@@ -138,6 +138,9 @@ def test_budget_phrases_name_one_metric_each():
         for phrase in (spec.name.replace("_", " "), *spec.phrases):
             owners.setdefault(phrase.lower().replace("-", " "), set()).add(spec.name)
     assert {p: o for p, o in owners.items() if len(o) > 1} == {}
+    # a plural names the singular's metric ('truncated answers' once meant server-cut streams)
+    plurals = {p: (owners[p], owners[p + "s"]) for p in owners if p + "s" in owners}
+    assert {p: o for p, o in plurals.items() if o[0] != o[1]} == {}
 
 
 def test_every_registered_metric_names_its_stage_table_unit_and_phrase():
