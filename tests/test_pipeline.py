@@ -517,3 +517,11 @@ def test_a_study_without_a_budget_runs_every_stage_as_an_evidence_report(tmp_pat
     capsys.readouterr()
     assert main(["gate", str(run)]) == 2
     assert "frozen without a budget" in capsys.readouterr().err
+
+
+def test_run_help_lists_every_stage(capsys):
+    from kit.pipeline import STAGE_NAMES
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert ", ".join(STAGE_NAMES) in " ".join(capsys.readouterr().out.split())
