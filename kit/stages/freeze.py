@@ -26,7 +26,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,66 +249,24 @@ def freeze_baseline(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / PENDING, {**inputs.key(), "started_at": now_iso()})
     try:
-        identity = runtime.identity()
-        perturbed = study_perturbed(study, builder=builder, count=prompt_counter(runtime))
-        if perturbed is not None:
-            inputs = inputs.model_copy(
-                update={"perturbed_sha256": perturbed.sha256, "perturbed_rows": len(perturbed)}
-            )
-        items = [*eval_set.items, *(perturbed.items.items if perturbed is not None else [])]
-        plan = RunPlan.build(
-            model_name=study.baseline.name,
-            items=items,
-            builder=builder,
-            runtime=runtime,
-            sampling=study.sampling,
-            repeats=study.repeats,
-        )
-        _write_frozen_copies(out, study, eval_set, builder, inputs, plan)
-        if perturbed is not None:
-            _write_perturbed(out, study, eval_set, perturbed, plan)
-        store = OutputStore(out / "outputs" / study.baseline.name)
-        outputs = run_model(
-            runtime, plan, store, score_choices=study.baseline.score_choices, progress=progress
-        )
-        forced = baseline_distributions(
-            runtime,
-            prompts=plan.prompts,
-            outputs=outputs,
-            ids=set(eval_set.item_hashes),
-            run_dir=out,
-            model=study.baseline.name,
-            top_k=study.distributions.top_k,
-            enabled=study.distributions.enabled,
-            progress=progress,
-        )
+        done = _run_baseline(study, eval_set, builder, inputs, runtime, out, progress=progress)
     finally:
         if own_runtime:
             runtime.close()
-    scored_set = (
-        eval_set
-        if perturbed is None
-        else EvalSet(str(out), items, slice_columns=eval_set.slice_columns)
-    )
-    outcomes = scoring.score_outputs(scored_set, outputs, continuations=plan.continuations)
-    outcomes = outcomes[outcomes["item_id"].isin(eval_set.item_hashes)]
-    scores = scoring.overall(outcomes)
-    tables = out / "tables"
-    tables.mkdir(exist_ok=True)
-    outcomes.to_parquet(tables / "baseline_outcomes.parquet", index=False)
-    scores.to_csv(tables / "baseline_scores.csv", index=False)
+    scores = _score_baseline(out, eval_set, done)
+    outputs = done.outputs
     wall = time.perf_counter() - started
     manifest = BaselineManifest(
         study=study.name,
         created_at=now_iso(),
-        inputs=inputs,
-        model=asdict(identity),
+        inputs=done.inputs,
+        model=asdict(done.identity),
         hardware=hardware(),
         libraries=library_versions(),
         kit=kit_info(),
         outputs=OutputsSummary(
             model=study.baseline.name,
-            path=str(store.root.relative_to(out)),
+            path=str(done.store.root.relative_to(out)),
             rows=len(outputs),
             items=outputs["item_id"].nunique(),
             repeats=study.repeats,
@@ -322,11 +280,93 @@ def freeze_baseline(
             *eval_set.slice_columns,
         ],
         scores=scores.to_dict("records"),
-        timings={"wall_s": round(wall, 3), **forced},
+        timings={"wall_s": round(wall, 3), **done.forced},
     )
     atomic_write_text(out / MANIFEST, manifest.model_dump_json(indent=2))
     (out / PENDING).unlink(missing_ok=True)
     return manifest
+
+
+@dataclass(frozen=True)
+class _BaselineRun:
+    """What running the baseline produced (clean and perturbed items)."""
+
+    inputs: FrozenInputs
+    identity: Any
+    items: list
+    plan: RunPlan
+    perturbed: PerturbedSet | None
+    store: OutputStore
+    outputs: pd.DataFrame
+    forced: dict[str, Any]
+
+
+def _run_baseline(
+    study: Study,
+    eval_set: EvalSet,
+    builder: PromptBuilder,
+    inputs: FrozenInputs,
+    runtime: Runtime,
+    out: Path,
+    *,
+    progress: bool,
+) -> _BaselineRun:
+    """Build the perturbed items, write the frozen copies, run the baseline on every item
+    and teacher-force its answers (token distributions)."""
+    identity = runtime.identity()
+    perturbed = study_perturbed(study, builder=builder, count=prompt_counter(runtime))
+    if perturbed is not None:
+        inputs = inputs.model_copy(
+            update={"perturbed_sha256": perturbed.sha256, "perturbed_rows": len(perturbed)}
+        )
+    items = [*eval_set.items, *(perturbed.items.items if perturbed is not None else [])]
+    plan = RunPlan.build(
+        model_name=study.baseline.name,
+        items=items,
+        builder=builder,
+        runtime=runtime,
+        sampling=study.sampling,
+        repeats=study.repeats,
+    )
+    _write_frozen_copies(out, study, eval_set, builder, inputs, plan)
+    if perturbed is not None:
+        _write_perturbed(out, study, eval_set, perturbed, plan)
+    store = OutputStore(out / "outputs" / study.baseline.name)
+    outputs = run_model(
+        runtime, plan, store, score_choices=study.baseline.score_choices, progress=progress
+    )
+    forced = baseline_distributions(
+        runtime,
+        prompts=plan.prompts,
+        outputs=outputs,
+        ids=set(eval_set.item_hashes),
+        run_dir=out,
+        model=study.baseline.name,
+        top_k=study.distributions.top_k,
+        enabled=study.distributions.enabled,
+        progress=progress,
+    )
+    return _BaselineRun(inputs, identity, items, plan, perturbed, store, outputs, forced)
+
+
+def _score_baseline(out: Path, eval_set: EvalSet, done: _BaselineRun) -> pd.DataFrame:
+    """Score the baseline's outputs (perturbed items too, so that their references are
+    checked), write the clean items' outcomes and scores, return the scores."""
+    scored_set = (
+        eval_set
+        if done.perturbed is None
+        else EvalSet(str(out), done.items, slice_columns=eval_set.slice_columns)
+    )
+    outcomes = scoring.score_outputs(
+        scored_set, done.outputs, continuations=done.plan.continuations
+    )
+    outcomes = outcomes[outcomes["item_id"].isin(eval_set.item_hashes)]
+    scores = scoring.overall(outcomes)
+    tables = out / "tables"
+    tables.mkdir(exist_ok=True)
+    outcomes.to_parquet(tables / "baseline_outcomes.parquet", index=False)
+    scores.to_csv(tables / "baseline_scores.csv", index=False)
+    return scores
 
 
 def ensure_frozen(
