@@ -153,16 +153,21 @@ def _distribution_inputs(run: Run) -> tuple[dict[str, pd.DataFrame], dict[str, d
     for cand in run.candidates():
         meta = run.distribution_meta(cand)
         if cand not in stored:
-            status[cand] = {
-                "status": "not measured",
-                "reason": "no token distributions: the candidate's runtime exposes no logits",
-            }
+            status[cand] = {"status": "not measured", "reason": _unmeasured_reason(run, cand)}
         elif meta.get("comparable") is False:
             status[cand] = {"status": "not comparable", "reason": meta.get("reason", "")}
         else:
             frames[cand] = run.distributions(cand)
             status[cand] = {"status": "scored", "reason": ""}
     return frames, status
+
+
+def _unmeasured_reason(run: Run, cand: str) -> str:
+    """Why stage 2 stored no distributions for ``cand`` (its manifest says, e.g. the ray
+    engine), else: its runtime exposes no logits."""
+    manifest = run.candidate_manifest(cand)
+    reason = (manifest.distributions or {}).get("reason") if manifest is not None else None
+    return reason or "no token distributions: the candidate's runtime exposes no logits"
 
 
 def _slice_columns(run: Run) -> list[str]:

@@ -320,7 +320,7 @@ def paired_gap_ci(
     n: ArrayLike,
     *,
     confidence: float = 0.95,
-    cc: float = 0.5,
+    cc: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Interval of ``D1 - D2``, two paired differences of proportions on the same ``n`` items.
 
