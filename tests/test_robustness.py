@@ -186,3 +186,20 @@ def test_memo_shows_the_robustness_section_escaped(judged):
     assert 'id="robustness"' in html and 'id="fig-perturbations"' in html
     assert "-50.0 points" in html  # fragile's gap under typos
     assert "<script" not in html
+
+
+def test_a_candidate_without_distributions_says_why():
+    """Stage 4b repeats stage 2's reason (the ray engine) instead of guessing 'no logits'."""
+    from types import SimpleNamespace
+
+    from kit.stages.candidates import RAY_NO_FORCING
+    from kit.stages.robustness import _unmeasured_reason
+
+    manifests = {
+        "ray": SimpleNamespace(distributions={"status": "not measured", "reason": RAY_NO_FORCING}),
+        "api": SimpleNamespace(distributions={}),
+    }
+    run = SimpleNamespace(candidate_manifest=manifests.get)
+    assert _unmeasured_reason(run, "ray") == RAY_NO_FORCING
+    assert "exposes no logits" in _unmeasured_reason(run, "api")
+    assert "exposes no logits" in _unmeasured_reason(run, "gone")
