@@ -11,9 +11,13 @@ Exit codes
    (the message names the kit call and where it failed); ``gate``: the run is missing,
    unjudged, unfinished or frozen without a budget
 3  ``gate``: inconclusive (no rule failed, but one is undecided or not measured)
+4  ``gate``: accepted with routing rule (the candidate alone is not accepted, but the routed
+   system of stage 6, candidate + router + fallback, passes every rule: deploy it only with
+   the printed rule); ``monitor``: the router drifted from what stage 6 measured
 
 ``compkit gate runs/NAME`` without ``--candidate`` passes (0) only when every candidate is
-accepted; otherwise it exits 1 when any candidate is rejected, else 3.
+accepted; 4 when every candidate is accepted alone or with its routing rule; otherwise it
+exits 1 when any candidate is rejected, else 3.
 """
 
 from __future__ import annotations
@@ -265,6 +269,12 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     for d in report.decisions:
         if args.candidate is None or d.candidate == args.candidate:
             print(f"{d.candidate}: {d.decision} ({d.reason})")
+            if d.decision == "accepted with routing rule":
+                print(
+                    f"  deploy as {d.routed_system}: {d.routing_rule} (fallback rate "
+                    f"{(d.fallback_rate or 0) * 100:.1f}%, saves {(d.cost_saving or 0) * 100:.1f}%"
+                    f" of the large-only cost; {d.routing_selection})"
+                )
     scope = f"candidate {args.candidate!r}" if args.candidate else "all candidates"
     print(f"gate ({scope}): {decision} -> exit {GATE_EXIT_CODES[decision]}")
     return GATE_EXIT_CODES[decision]
@@ -373,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve_bench)
 
     p = sub.add_parser(
-        "gate", help="CI gate on a judged run: exit 0 accepted, 1 rejected, 3 inconclusive"
+        "gate",
+        help="CI gate on a judged run: exit 0 accepted, 1 rejected, 3 inconclusive, "
+        "4 accepted with routing rule",
     )
     p.add_argument("run", help="run folder with verdict.json")
     p.add_argument(

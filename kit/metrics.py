@@ -479,6 +479,78 @@ def _distribution(name, description, higher, unit, phrases, rng, *, requires=_TO
 
 _CLUSTER = ("cluster_bootstrap_t", "cluster_bootstrap_t", "cluster_bootstrap_t")
 
+# --------------------------------------------------------------------------- routing (stage 6)
+
+#: Evidence of the routed system (``<candidate>+router``): every item metric of the blended
+#: outcomes (the same specs as any candidate's, stored in ``routing_evidence``) plus these.
+_ROUTED = "the routed system on the judged (held-out or cross-fitted) items"
+
+
+def _routed(name, description, higher, unit, method, *, phrases):
+    return MetricSpec(
+        name,
+        description,
+        higher,
+        "routing",
+        unit,
+        kind="aggregate",
+        scale="bounded" if unit == "share" else "unbounded",
+        phrases=tuple(phrases),
+        value_range=(0.0, 1.0) if unit == "share" else (0.0, _INF),
+        intervals=(method, method, method),
+        table="routing_evidence",
+        overall=_ROUTED,
+    )
+
+
+_ROUTING: list[MetricSpec] = [
+    _routed(
+        "fallback_rate",
+        "share of requests the router sends to the fallback model",
+        False,
+        "share",
+        "clopper_pearson",
+        phrases=("fallback", "fallback share", "deferral rate", "share of requests routed"),
+    ),
+    _routed(
+        "blended_latency_p95_ms",
+        "p95 end-to-end latency of the routed system (a fallback request pays small + large)",
+        False,
+        "ms",
+        "order_statistic",
+        phrases=(
+            "blended p95 latency",
+            "blended latency",
+            "routed p95 latency",
+            "p95 latency of the routed system",
+        ),
+    ),
+    _routed(
+        "blended_cost_per_request_usd",
+        "mean cost per request of the routed system (small always, large on fallback)",
+        False,
+        "USD",
+        "bca_bootstrap",
+        phrases=("blended cost", "blended cost per request", "routed cost per request"),
+    ),
+    _routed(
+        "blended_compute_s_per_request",
+        "mean model seconds per request of the routed system (cost without a cost: block)",
+        False,
+        "s",
+        "bca_bootstrap",
+        phrases=("blended compute", "compute seconds per request"),
+    ),
+    _routed(
+        "routing_cost_saving",
+        "share of the large-model-only cost the routed system saves (1 - blended / large-only)",
+        True,
+        "share",
+        "bca_bootstrap",
+        phrases=("cost saving", "routing saving", "savings"),
+    ),
+]
+
 _BUILTIN: list[MetricSpec] = [
     # ---------------------------------------------------------------- scoring (item metrics)
     _item(
@@ -812,16 +884,7 @@ _BUILTIN: list[MetricSpec] = [
     ),
     *_SERVING,
     # ---------------------------------------------------------------- routing (stage 6)
-    MetricSpec(
-        "fallback_rate",
-        "share of requests the router sends to the fallback model",
-        False,
-        "routing",
-        kind="aggregate",
-        phrases=("fallback", "fallback share", "deferral rate"),
-        intervals=("clopper_pearson", "clopper_pearson", "clopper_pearson"),
-        table="routing_evidence",
-    ),
+    *_ROUTING,
 ]
 
 #: name -> spec; custom scorers add theirs with :func:`register_metric`.

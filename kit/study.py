@@ -175,6 +175,42 @@ class ExecutionConfig(_Strict):
             raise ValueError(f"unknown engine {v!r}{hint}; available: {sorted(ENGINES)}")
         return v
 
+class RoutingConfig(_Strict):
+    """How stage 6 builds the routed system: a candidate answers, a router sends some requests
+    to the fallback model (see :mod:`kit.routing`)."""
+
+    candidates: list[str] | None = Field(
+        default=None, description="small models to route (default: every candidate)"
+    )
+    fallback: str | None = Field(default=None, description="fallback model (default: baseline)")
+    confidence: Literal["auto", "choice", "mean_token", "min_token", "token_quantile"] = Field(
+        default="auto",
+        description="the small model's confidence the threshold reads (auto: choice "
+        "probability where scored, else the low quantile of token probabilities)",
+    )
+    token_quantile: float = Field(
+        default=0.1, gt=0, lt=1, description="quantile of token probabilities (token_quantile)"
+    )
+    parse_failure: bool = Field(default=True, description="invalid JSON / tool call -> fallback")
+    abstention: bool = Field(default=True, description="'not found' / refusal -> fallback")
+    slices: dict[str, list[str]] = Field(
+        default_factory=dict, description="slice column -> values always sent to the fallback"
+    )
+    selection: Literal["split", "crossfit"] = Field(
+        default="split",
+        description="threshold chosen on a calibration split (verdict on the held-out items) "
+        "or cross-fitted over folds (verdict on every item, each judged out of fold)",
+    )
+    calibration_share: float = Field(default=0.5, gt=0.05, lt=0.95)
+    folds: int = Field(default=5, ge=2, le=20)
+    seed: int = 0
+    max_fallback_rate: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="thresholds whose fallback rate exceeds it are not chosen",
+    )
+
 
 class PerturbationSpec(_Strict):
     """One entry of the perturbation suite (kinds and parameters: :mod:`kit.perturb`)."""
@@ -560,6 +596,9 @@ class Study(_Strict):
         default_factory=ExecutionConfig,
         description="where model runs execute: local (default) or sharded over Ray actors",
     )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="router and fallback of stage 6 (routing)"
+    )
     # set by load_study, not by the YAML
     source: Path | None = Field(default=None, exclude=True)
 
@@ -574,6 +613,12 @@ class Study(_Strict):
                 raise ValueError(
                     f"candidate {c.name!r}: base {c.base!r} is not a model of this study"
                 )
+        routed = [*(self.routing.candidates or []), self.routing.fallback]
+        unknown = [n for n in routed if n is not None and n not in names]
+        if unknown:
+            raise ValueError(
+                f"routing names model(s) {unknown} that are not in this study: {names}"
+            )
         return self
 
     @property

@@ -42,9 +42,27 @@ from kit.run import Run
 VERDICT_FILE = "verdict.json"
 VERDICT_TABLE = "verdicts"
 SCHEMA_VERSION = 2
-Decision = Literal["accepted", "rejected", "inconclusive"]
+Decision = Literal["accepted", "rejected", "inconclusive", "accepted with routing rule"]
+#: The decision of a candidate that is not accepted alone but whose routed system (candidate
+#: + router + fallback, stage 6) passes every rule: deploy it only with its routing rule.
+ROUTED = "accepted with routing rule"
 #: ``compkit gate`` exit code per decision (2 is a missing, unfinished or unjudgeable run).
-GATE_EXIT_CODES: dict[str, int] = {"accepted": 0, "rejected": 1, "inconclusive": 3}
+GATE_EXIT_CODES: dict[str, int] = {
+    "accepted": 0,
+    "rejected": 1,
+    "inconclusive": 3,
+    ROUTED: 4,
+}
+#: Decision columns stage 6 adds (the routed system's name, decision and rule).
+ROUTING_DECISION_COLUMNS = [
+    "routed_system",
+    "routed_decision",
+    "routing_rule",
+    "fallback_rate",
+    "cost_saving",
+    "routing_selection",
+]
+ROUTING_TABLE = "routing_evidence"
 #: Columns of :func:`gather_evidence` (``source`` names the table).
 EVIDENCE_COLUMNS = [*RESULT_COLUMNS, "source"]
 _KEY = ["model", "metric", "slice", "slice_value"]
@@ -76,6 +94,12 @@ class EvidenceFile(BaseModel):
     sha256: str | None = None
 
 
+def _belongs(metric: str, table: str) -> bool:
+    """Whether ``table`` is the source of ``metric``: its registered table, or, for the routed
+    systems of stage 6 (their own model names), any metric of the registry."""
+    return metric in METRICS and (METRICS[metric].table == table or table == ROUTING_TABLE)
+
+
 def _read_evidence(run: Run) -> tuple[pd.DataFrame, list[EvidenceFile]]:
     frames, files = [], []
     for name in evidence_tables():
@@ -84,7 +108,7 @@ def _read_evidence(run: Run) -> tuple[pd.DataFrame, list[EvidenceFile]]:
             files.append(EvidenceFile(table=name, path=str(path), present=False))
             continue
         frame = run.table(name)  # refuses a table changed since its stage wrote it
-        frame = frame[frame["metric"].map(lambda m, t=name: m in METRICS and METRICS[m].table == t)]
+        frame = frame[frame["metric"].map(lambda m, t=name: _belongs(m, t))]
         files.append(
             EvidenceFile(
                 table=name,
@@ -180,6 +204,12 @@ class DecisionRow(BaseModel):
     reason: str
     failing_rules: list[str] = []
     undecided_rules: list[str] = []
+    routed_system: str | None = None
+    routed_decision: str | None = None
+    routing_rule: str | None = None
+    fallback_rate: float | None = None
+    cost_saving: float | None = None
+    routing_selection: str | None = None
 
 
 class BudgetBanner(BaseModel):
@@ -291,7 +321,7 @@ class VerdictReport(BaseModel):
     def decisions_frame(self) -> pd.DataFrame:
         """One row per candidate: :data:`kit.budget.judge.DECISION_COLUMNS`."""
         return pd.DataFrame([d.model_dump() for d in self.decisions]).reindex(
-            columns=DECISION_COLUMNS
+            columns=[*DECISION_COLUMNS, *ROUTING_DECISION_COLUMNS]
         )
 
     def decision(self, candidate: str | None = None) -> Decision:
@@ -308,8 +338,9 @@ def gate_decision(decisions: pd.DataFrame, *, candidate: str | None = None) -> D
     """The decision ``compkit gate`` reports.
 
     With ``candidate``: that candidate's decision. Without: ``accepted`` only when every
-    candidate is accepted; otherwise ``rejected`` when any candidate is rejected, else
-    ``inconclusive``.
+    candidate is accepted; ``accepted with routing rule`` when every candidate is accepted,
+    alone or with its routing rule (stage 6); otherwise ``rejected`` when any candidate is
+    rejected, else ``inconclusive``.
 
     Raises
     ------
@@ -326,6 +357,8 @@ def gate_decision(decisions: pd.DataFrame, *, candidate: str | None = None) -> D
     values = set(decisions["decision"])
     if values == {"accepted"}:
         return "accepted"
+    if values <= {"accepted", ROUTED}:
+        return ROUTED
     return "rejected" if "rejected" in values else "inconclusive"
 
 
@@ -454,7 +487,7 @@ def judge_run(
         verdicts = evaluate_rules(
             budget, evidence=evidence, candidates=names, confidence=run.confidence
         )
-        decisions, rules = decide(verdicts), budget.frame()
+        decisions, rules = fold_routed(decide(verdicts), _routing_rules(run)), budget.frame()
     if write:
         report = build_report(
             run,
@@ -468,6 +501,52 @@ def judge_run(
         run.write_table(VERDICT_TABLE, verdicts)
         write_report(run.root, report)
     return Judgement(verdicts, decisions, status)
+
+
+def _routing_rules(run: Run) -> pd.DataFrame | None:
+    """Stage 6's ``routing_rules`` table when it ran (candidate -> routed system and rule)."""
+    return run.table("routing_rules") if run.has_table("routing_rules") else None
+
+
+def fold_routed(decisions: pd.DataFrame, routing: pd.DataFrame | None) -> pd.DataFrame:
+    """Fold each routed system's decision into its candidate's row.
+
+    A candidate that is not accepted alone but whose routed system (``routing_rules``:
+    ``candidate, system, rule, fallback_rate, cost_saving, selection_note``) is accepted is
+    ``accepted with routing rule``; a candidate accepted alone stays ``accepted`` (it needs no
+    router). The routed systems' own rows leave the decision list (their verdict rows stay);
+    every candidate row gets :data:`ROUTING_DECISION_COLUMNS` (empty without stage 6).
+    """
+    out = decisions.copy()
+    for column in ROUTING_DECISION_COLUMNS:
+        out[column] = None
+    if routing is None or routing.empty:
+        return out
+    by_system = out.set_index("candidate")["decision"].to_dict()
+    rows = []
+    for rec in out.to_dict("records"):
+        if rec["candidate"] in set(routing["system"]):
+            continue
+        match = routing[routing["candidate"] == rec["candidate"]]
+        if len(match):
+            r = match.iloc[0]
+            routed = by_system.get(r["system"])
+            rec.update(
+                routed_system=r["system"],
+                routed_decision=routed,
+                routing_rule=r["rule"],
+                fallback_rate=float(r["fallback_rate"]),
+                cost_saving=float(r["cost_saving"]),
+                routing_selection=r["selection_note"],
+            )
+            if rec["decision"] != "accepted" and routed == "accepted":
+                rec["reason"] = (
+                    f"alone: {rec['decision']} ({rec['reason']}); with its router "
+                    f"({r['system']}: {r['rule']}) every rule passes"
+                )
+                rec["decision"] = ROUTED
+        rows.append(rec)
+    return pd.DataFrame(rows, columns=out.columns)
 
 
 def _measured_candidates(run: Run, evidence: pd.DataFrame) -> list[str]:

@@ -1,0 +1,1 @@
+"""Stage 6: routing and fallback (policies, signals, simulation, threshold choice, client, monitor)."""

@@ -1,0 +1,358 @@
+"""Stage 6 glue: build the routed system of every candidate, judge-ready.
+
+Reads a run (outcomes, stored outputs, the frozen slices and budget, serving timelines when
+stage 5 ran) and writes:
+
+``tables/routing_evidence.parquet``  the routed system ``<candidate>+router`` on the judged
+                                      items: every item metric overall and per slice (as
+                                      stage 3 computes them) and the system metrics
+                                      (fallback rate, blended p95, cost, saving); plus each
+                                      plain candidate's fallback rate (0: it has no router)
+``tables/routing_curve.parquet``     the deferral curve: every threshold's metrics on the
+                                      calibration items (what the threshold was chosen on)
+                                      and on the judged items (shown, never tuned on)
+``tables/routing_systems.parquet``   large-only, small-only and routed side by side on the
+                                      judged items
+``tables/routing_rules.parquet``     per candidate: the rule to deploy, how it was chosen,
+                                      its fallback rate, saving, APGR and the oracle's
+``tables/routing_oracle.parquet``    the oracle curve on the judged items
+``routing.json``                     parameters and provenance
+
+Example
+-------
+>>> result = run_routing("runs/demo")                                     # doctest: +SKIP
+>>> result.rules[["candidate", "rule", "fallback_rate"]]                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kit.analysis.compare import RESULT_COLUMNS
+from kit.errors import CompkitError
+from kit.routing.costs import request_costs
+from kit.routing.policies import describe_rule, policy_from_config
+from kit.routing.signals import build_signals
+from kit.routing.simulate import (
+    Pairing,
+    apgr,
+    blended_outcomes,
+    budget_rows,
+    evidence_row,
+    oracle_curve,
+    pair_models,
+    routed_name,
+)
+from kit.routing.sweep import Selection, deferral_curve, select_threshold, system_rows
+from kit.run import Run
+
+TABLES = ("routing_evidence", "routing_curve", "routing_systems", "routing_rules", "routing_oracle")
+REPORT = "routing.json"
+RULE_COLUMNS = [
+    "candidate",
+    "system",
+    "fallback",
+    "rule",
+    "threshold",
+    "confidence_source",
+    "selection",
+    "selection_note",
+    "feasible",
+    "n_calibration",
+    "n_judged",
+    "fallback_rate",
+    "cost_saving",
+    "cost_unit",
+    "latency_source",
+    "apgr",
+    "oracle_apgr",
+]
+
+
+@dataclass
+class RoutingResult:
+    """What :func:`run_routing` computed (the frames it wrote)."""
+
+    evidence: pd.DataFrame
+    curve: pd.DataFrame
+    systems: pd.DataFrame
+    rules: pd.DataFrame
+    oracle: pd.DataFrame
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def _budget_rules(run: Run) -> list:
+    from kit.budget.frozen import load_frozen_budget
+
+    return list(load_frozen_budget(run).rules) if run.frozen_budget is not None else []
+
+
+def _slice_columns(run: Run, rules: list, config) -> list[str]:
+    from kit.analysis.slices import default_slice_columns
+
+    known = default_slice_columns(run.slices())
+    wanted = ["task", *(r.slice.column for r in rules if r.slice), *config.slices]
+    return [c for c in dict.fromkeys(wanted) if c in known]
+
+
+def _metrics(rules: list, outcomes: pd.DataFrame) -> list[str]:
+    from kit.metrics import METRICS
+
+    names = ["accuracy", *(r.metric for r in rules)]
+    names = ["accuracy" if n == "recall" else n for n in names]
+    return [
+        n
+        for n in dict.fromkeys(names)
+        if n in METRICS and METRICS[n].kind == "item" and METRICS[n].outcome_column in outcomes
+    ]
+
+
+def _side_by_side(
+    judged: Pairing, routed: np.ndarray, *, slices, slice_columns, confidence, seed
+) -> pd.DataFrame:
+    """Large-only, small-only and routed on the judged items: value rows + system figures."""
+    name = routed_name(judged.small)
+    n = len(routed)
+    systems = {
+        f"{judged.large} only": np.ones(n, bool),
+        f"{judged.small} only": np.zeros(n, bool),
+        name: routed,
+    }
+    frames = [judged.outcomes]
+    labels = {}
+    for k, (label, r) in enumerate(systems.items()):
+        frames.append(blended_outcomes(judged, r, name=f"s{k}"))
+        labels[f"s{k}"] = label
+    rows = budget_rows(
+        pd.concat(frames, ignore_index=True),
+        slices,
+        baseline=judged.baseline,
+        candidates=list(labels),
+        slice_columns=slice_columns,
+        metrics=None,
+        confidence=confidence,
+        n_resamples=1000,
+        seed=seed,
+    )
+    sys_rows = []
+    for k, (key, label) in enumerate(labels.items()):
+        sys_rows += system_rows(
+            judged, systems[label], name=key, confidence=confidence, seed=seed, large_only=k == 0
+        )
+    out = pd.concat([rows, pd.DataFrame(sys_rows)], ignore_index=True)
+    out["system"] = out["model"].map(labels)
+    alone = (out["model"] == "s0") & (out["metric"] == "fallback_rate")
+    out.loc[alone, ["value", "value_ci_low", "value_ci_high"]] = np.nan
+    out.loc[alone, "note"] = "no router: the large model answers every request"
+    out["candidate"] = judged.small
+    return out
+
+
+def _route_candidate(run: Run, small: str, *, fallback: str, config, rules, context) -> dict:
+    outcomes, outputs, slices, slice_columns, metrics, confidence = context
+    signals = build_signals(
+        outputs, outcomes, model=small, slices=slices, quantile=config.token_quantile
+    )
+    costs = request_costs(run, [small, fallback])
+    pairing = pair_models(
+        outcomes, signals, costs, small=small, large=fallback, baseline=run.baseline
+    )
+    policy = policy_from_config(config, source=config.confidence, slice_columns=slice_columns)
+    sel = select_threshold(
+        pairing,
+        policy,
+        rules=rules,
+        config=config,
+        slices=slices,
+        slice_columns=slice_columns,
+        metrics=metrics,
+        confidence=confidence,
+    )
+    return _record(run, sel, policy, costs, small, fallback, context, config)
+
+
+def _record(run, sel: Selection, policy, costs, small, fallback, context, config) -> dict:
+    outcomes, outputs, slices, slice_columns, metrics, confidence = context
+    name = routed_name(small)
+    judged = sel.judged
+    blended = blended_outcomes(judged, sel.routed, name=name)
+    evidence = budget_rows(
+        pd.concat([judged.outcomes, blended], ignore_index=True),
+        slices,
+        baseline=run.baseline,
+        candidates=[name],
+        slice_columns=slice_columns,
+        metrics=None,
+        confidence=confidence,
+        n_resamples=2000,
+        seed=config.seed,
+    )
+    evidence = pd.concat(
+        [evidence, pd.DataFrame(system_rows(judged, sel.routed, name=name, confidence=confidence))],
+        ignore_index=True,
+    )
+    shown = deferral_curve(
+        judged,
+        policy,
+        slices=slices,
+        slice_columns=slice_columns,
+        metrics=metrics,
+        confidence=confidence,
+        seed=config.seed,
+    )
+    curve = pd.concat(
+        [sel.calibration_curve.assign(split="calibration"), shown.assign(split="judged")],
+        ignore_index=True,
+    ).assign(candidate=small)
+    oracle = oracle_curve(judged).assign(candidate=small)
+    systems = _side_by_side(
+        judged,
+        sel.routed,
+        slices=slices,
+        slice_columns=slice_columns,
+        confidence=confidence,
+        seed=config.seed,
+    )
+    acc = shown[(shown["metric"] == "accuracy") & (shown["slice"] == "overall")]
+    fb = shown[shown["metric"] == "fallback_rate"][["threshold", "value"]]
+    points = acc[["threshold", "value"]].merge(fb, on="threshold", suffixes=("", "_fb"))
+    points = points.rename(columns={"value_fb": "fallback_rate"})
+    small_acc = float(np.nanmean(_column(judged, judged.small)))
+    large_acc = float(np.nanmean(_column(judged, judged.large)))
+    ev_fb = evidence.loc[evidence["metric"] == "fallback_rate", "value"].iloc[0]
+    ev_save = evidence.loc[evidence["metric"] == "routing_cost_saving", "value"].iloc[0]
+    deploy = policy.with_threshold(min(sel.threshold, 1.0))
+    rule = {
+        "candidate": small,
+        "system": name,
+        "fallback": fallback,
+        "rule": describe_rule(deploy, fallback=fallback),
+        "threshold": sel.threshold,
+        "confidence_source": config.confidence,
+        "selection": sel.method,
+        "selection_note": sel.describe(),
+        "feasible": sel.feasible,
+        "n_calibration": len(sel.calibration_items),
+        "n_judged": int(judged.keys["item_id"].nunique()),
+        "fallback_rate": float(ev_fb),
+        "cost_saving": float(ev_save),
+        "cost_unit": judged.cost_unit,
+        "latency_source": "; ".join(sorted(set(costs["latency_source"]))),
+        "apgr": apgr(points, small=small_acc, large=large_acc),
+        "oracle_apgr": apgr(oracle, small=small_acc, large=large_acc),
+    }
+    plain = evidence_row(
+        small,
+        "fallback_rate",
+        0.0,
+        0.0,
+        0.0,
+        n=len(judged.keys),
+        method="by_construction",
+        confidence=confidence,
+        note="no router: every request is answered by the candidate",
+    )
+    evidence = pd.concat([evidence, pd.DataFrame([plain])], ignore_index=True)
+    return {
+        "evidence": evidence,
+        "curve": curve,
+        "systems": systems,
+        "rule": rule,
+        "oracle": oracle,
+    }
+
+
+def _column(pairing: Pairing, model: str) -> np.ndarray:
+    o = pairing.outcomes
+    return o.loc[o["model"] == model, "correct"].to_numpy(dtype=float)
+
+
+def routed_candidates(run: Run, config) -> tuple[str, list[str]]:
+    """``(fallback, candidates to route)`` from the study's ``routing:`` block."""
+    fallback = config.fallback or run.baseline
+    have = [*run.candidates(), run.baseline]
+    if fallback not in have:
+        raise CompkitError(f"routing.fallback {fallback!r} has no stored outputs; models: {have}")
+    names = config.candidates if config.candidates is not None else run.candidates()
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise CompkitError(f"routing.candidates {missing} have no stored outputs; models: {have}")
+    return fallback, [n for n in names if n != fallback]
+
+
+def run_routing(run: str | Path | Run, *, config: Any = None, write: bool = True) -> RoutingResult:
+    """Stage 6: the routed system of every candidate (module docstring), written to ``tables/``.
+
+    Parameters
+    ----------
+    run
+        A frozen run with outcomes (stage 2); serving timelines are used when stage 5 ran.
+    config
+        A :class:`kit.study.RoutingConfig` (default: the frozen study's ``routing:``).
+    write
+        Write the tables and ``routing.json``.
+    """
+    run = Run.open(run)
+    config = config if config is not None else run.study.routing
+    rules = _budget_rules(run)
+    outcomes = run.outcomes().astype({"item_id": str})
+    fallback, names = routed_candidates(run, config)
+    if not names:
+        raise CompkitError(f"{run.root}: no candidate to route (fallback {fallback!r})")
+    slice_columns = _slice_columns(run, rules, config)
+    context = (
+        outcomes,
+        run.outputs().astype({"item_id": str}),
+        run.slices(),
+        slice_columns,
+        _metrics(rules, outcomes),
+        run.confidence,
+    )
+    parts = [
+        _route_candidate(run, n, fallback=fallback, config=config, rules=rules, context=context)
+        for n in names
+    ]
+    result = RoutingResult(
+        evidence=pd.concat([p["evidence"] for p in parts], ignore_index=True)[RESULT_COLUMNS],
+        curve=pd.concat([p["curve"] for p in parts], ignore_index=True),
+        systems=pd.concat([p["systems"] for p in parts], ignore_index=True),
+        rules=pd.DataFrame([p["rule"] for p in parts], columns=RULE_COLUMNS),
+        oracle=pd.concat([p["oracle"] for p in parts], ignore_index=True),
+    )
+    if write:
+        _write(run, result, config)
+    return result
+
+
+def _write(run: Run, result: RoutingResult, config) -> None:
+    import json
+
+    from kit.environment import kit_info
+    from kit.store import atomic_write_text, now_iso
+
+    for name in TABLES:
+        frame = getattr(result, name.removeprefix("routing_"))
+        result.paths[name] = run.write_table(name, frame)
+    report = {
+        "kind": "compkit.routing",
+        "created_at": now_iso(),
+        "config": config.model_dump(mode="json"),
+        "confidence": run.confidence,
+        "rules": json.loads(result.rules.to_json(orient="records")),
+        "kit": kit_info().model_dump(mode="json"),
+    }
+    atomic_write_text(run.root / REPORT, json.dumps(report, indent=2) + "\n")
+
+
+def read_routing(run: str | Path | Run) -> RoutingResult | None:
+    """The stored routing tables (None when stage 6 has not run)."""
+    run = Run.open(run)
+    if not all(run.has_table(n) for n in TABLES):
+        return None
+    frames = {n.removeprefix("routing_"): run.table(n) for n in TABLES}
+    return RoutingResult(**frames)
