@@ -302,14 +302,21 @@ def make_policy(name: str, **params: Any) -> Any:
 
 
 def policy_from_config(
-    config: Any, *, source: str, threshold: float = 0.5, slice_columns: Sequence[str] = ()
+    config: Any,
+    *,
+    source: str,
+    threshold: float = 0.5,
+    slice_columns: Sequence[str] = (),
+    tasks: Sequence[str] | None = None,
 ) -> AnyOf:
     """The study's policy (``routing:`` of :class:`kit.study.Study`) at ``threshold``.
 
-    ``source`` is the resolved confidence source (:func:`kit.routing.signals.resolve_source`).
+    ``source`` is the confidence source (:data:`CONFIDENCE_SOURCES`); ``tasks`` the run's
+    tasks: the parse-failure part is left out when no task answers in JSON.
     """
     parts: list[Any] = [ConfidenceBelow(source=source, threshold=threshold)]
-    if config.parse_failure:
+    json_tasks = tasks is None or bool({"extraction", "tool_call"} & set(tasks))
+    if config.parse_failure and json_tasks:
         parts.append(ParseFailure())
     if config.abstention:
         parts.append(Abstention())

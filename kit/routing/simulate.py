@@ -181,6 +181,15 @@ def blended_outcomes(pairing: Pairing, routed: np.ndarray, *, name: str) -> pd.D
     return out.assign(model=name).sort_values(KEY, kind="stable").reset_index(drop=True)
 
 
+def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _saving(cost: np.ndarray, big: np.ndarray, axis: int = -1) -> np.ndarray:
+    """1 - mean blended cost / mean large-only cost (paired per request)."""
+    return 1.0 - np.mean(cost, axis=axis) / np.mean(big, axis=axis)
+
+
 def _bca(stat, data: tuple[np.ndarray, ...], confidence: float, seed: int) -> tuple[float, float]:
     import warnings
 
@@ -195,7 +204,7 @@ def _bca(stat, data: tuple[np.ndarray, ...], confidence: float, seed: int) -> tu
             data,
             stat,
             paired=True,
-            vectorized=False,
+            vectorized=True,
             confidence_level=confidence,
             n_resamples=999,
             method="BCa",
@@ -233,14 +242,11 @@ def system_figures(
     fb_low, fb_high = proportion_ci(k, n, confidence=confidence)
     p95, p_low, p_high = quantile_ci(latency, 0.95, confidence=confidence)
     mean = float(cost.mean()) if n else float("nan")
-    c_low, c_high = _bca(np.mean, (cost,), confidence, seed) if n else (np.nan, np.nan)
-
-    def saving(c, big):
-        return 1.0 - np.mean(c) / np.mean(big)
-
+    c_low, c_high = _bca(_mean, (cost,), confidence, seed) if n else (np.nan, np.nan)
     big = pairing.large_cost
-    s_est = float(saving(cost, big)) if n and big.sum() > 0 else float("nan")
-    s_low, s_high = _bca(saving, (cost, big), confidence, seed + 1) if n > 1 else (np.nan, np.nan)
+    s_est = float(_saving(cost, big)) if n and big.sum() > 0 else float("nan")
+    ok = n > 1 and big.sum() > 0
+    s_low, s_high = _bca(_saving, (cost, big), confidence, seed + 1) if ok else (np.nan, np.nan)
     return dict(
         zip(
             SYSTEM_COLUMNS,

@@ -153,57 +153,124 @@ def _side_by_side(
     return out
 
 
-def _route_candidate(run: Run, small: str, *, fallback: str, config, rules, context) -> dict:
-    outcomes, outputs, slices, slice_columns, metrics, confidence = context
+@dataclass(frozen=True)
+class _Context:
+    """What every candidate's routing reads from the run."""
+
+    run: Run
+    config: Any
+    rules: list
+    fallback: str
+    outcomes: pd.DataFrame
+    outputs: pd.DataFrame
+    slices: pd.DataFrame
+    slice_columns: list[str]
+    metrics: list[str]
+    confidence: float
+
+
+def _route_candidate(ctx: _Context, small: str) -> dict:
+    config = ctx.config
     signals = build_signals(
-        outputs, outcomes, model=small, slices=slices, quantile=config.token_quantile
+        ctx.outputs, ctx.outcomes, model=small, slices=ctx.slices, quantile=config.token_quantile
     )
-    costs = request_costs(run, [small, fallback])
+    costs = request_costs(ctx.run, [small, ctx.fallback])
     pairing = pair_models(
-        outcomes, signals, costs, small=small, large=fallback, baseline=run.baseline
+        ctx.outcomes, signals, costs, small=small, large=ctx.fallback, baseline=ctx.run.baseline
     )
-    policy = policy_from_config(config, source=config.confidence, slice_columns=slice_columns)
+    policy = policy_from_config(
+        config,
+        source=config.confidence,
+        slice_columns=ctx.slice_columns,
+        tasks=sorted(set(signals["task"])),
+    )
     sel = select_threshold(
         pairing,
         policy,
-        rules=rules,
+        rules=ctx.rules,
         config=config,
-        slices=slices,
-        slice_columns=slice_columns,
-        metrics=metrics,
-        confidence=confidence,
+        slices=ctx.slices,
+        slice_columns=ctx.slice_columns,
+        metrics=ctx.metrics,
+        confidence=ctx.confidence,
     )
-    return _record(run, sel, policy, costs, small, fallback, context, config)
+    return _record(ctx, sel, policy, costs)
 
 
-def _record(run, sel: Selection, policy, costs, small, fallback, context, config) -> dict:
-    outcomes, outputs, slices, slice_columns, metrics, confidence = context
-    name = routed_name(small)
+def _judged_evidence(ctx: _Context, sel: Selection, name: str) -> pd.DataFrame:
+    """The routed system's evidence on the judged items, and the plain candidate's fallback
+    rate (0 by construction: it has no router)."""
     judged = sel.judged
     blended = blended_outcomes(judged, sel.routed, name=name)
-    evidence = budget_rows(
+    rows = budget_rows(
         pd.concat([judged.outcomes, blended], ignore_index=True),
-        slices,
-        baseline=run.baseline,
+        ctx.slices,
+        baseline=ctx.run.baseline,
         candidates=[name],
-        slice_columns=slice_columns,
+        slice_columns=ctx.slice_columns,
         metrics=None,
-        confidence=confidence,
+        confidence=ctx.confidence,
         n_resamples=2000,
-        seed=config.seed,
+        seed=ctx.config.seed,
     )
-    evidence = pd.concat(
-        [evidence, pd.DataFrame(system_rows(judged, sel.routed, name=name, confidence=confidence))],
-        ignore_index=True,
+    system = system_rows(judged, sel.routed, name=name, confidence=ctx.confidence)
+    plain = evidence_row(
+        judged.small,
+        "fallback_rate",
+        0.0,
+        0.0,
+        0.0,
+        n=len(judged.keys),
+        method="by_construction",
+        confidence=ctx.confidence,
+        note="no router: every request is answered by the candidate",
     )
+    return pd.concat([rows, pd.DataFrame([*system, plain])], ignore_index=True)
+
+
+def _summary(ctx, sel: Selection, policy, costs, evidence, shown, oracle) -> dict:
+    """The ``routing_rules`` row of one candidate."""
+    judged, name = sel.judged, routed_name(sel.judged.small)
+    acc = shown[(shown["metric"] == "accuracy") & (shown["slice"] == "overall")]
+    fb = shown[shown["metric"] == "fallback_rate"][["threshold", "value"]]
+    points = acc[["threshold", "value"]].merge(fb, on="threshold", suffixes=("", "_fb"))
+    points = points.rename(columns={"value_fb": "fallback_rate"})
+    small_acc = float(np.nanmean(_column(judged, judged.small)))
+    large_acc = float(np.nanmean(_column(judged, judged.large)))
+    mine = evidence[evidence["model"] == name].set_index("metric")["value"]
+    deploy = policy.with_threshold(min(sel.threshold, 1.0))
+    return {
+        "candidate": judged.small,
+        "system": name,
+        "fallback": ctx.fallback,
+        "rule": describe_rule(deploy, fallback=ctx.fallback),
+        "threshold": sel.threshold,
+        "confidence_source": ctx.config.confidence,
+        "selection": sel.method,
+        "selection_note": sel.describe(),
+        "feasible": sel.feasible,
+        "n_calibration": len(sel.calibration_items),
+        "n_judged": int(judged.keys["item_id"].nunique()),
+        "fallback_rate": float(mine["fallback_rate"]),
+        "cost_saving": float(mine["routing_cost_saving"]),
+        "cost_unit": judged.cost_unit,
+        "latency_source": "; ".join(sorted(set(costs["latency_source"]))),
+        "apgr": apgr(points, small=small_acc, large=large_acc),
+        "oracle_apgr": apgr(oracle, small=small_acc, large=large_acc),
+    }
+
+
+def _record(ctx: _Context, sel: Selection, policy, costs: pd.DataFrame) -> dict:
+    judged, small = sel.judged, sel.judged.small
+    evidence = _judged_evidence(ctx, sel, routed_name(small))
     shown = deferral_curve(
         judged,
         policy,
-        slices=slices,
-        slice_columns=slice_columns,
-        metrics=metrics,
-        confidence=confidence,
-        seed=config.seed,
+        slices=ctx.slices,
+        slice_columns=ctx.slice_columns,
+        metrics=ctx.metrics,
+        confidence=ctx.confidence,
+        seed=ctx.config.seed,
     )
     curve = pd.concat(
         [sel.calibration_curve.assign(split="calibration"), shown.assign(split="judged")],
@@ -213,51 +280,12 @@ def _record(run, sel: Selection, policy, costs, small, fallback, context, config
     systems = _side_by_side(
         judged,
         sel.routed,
-        slices=slices,
-        slice_columns=slice_columns,
-        confidence=confidence,
-        seed=config.seed,
+        slices=ctx.slices,
+        slice_columns=ctx.slice_columns,
+        confidence=ctx.confidence,
+        seed=ctx.config.seed,
     )
-    acc = shown[(shown["metric"] == "accuracy") & (shown["slice"] == "overall")]
-    fb = shown[shown["metric"] == "fallback_rate"][["threshold", "value"]]
-    points = acc[["threshold", "value"]].merge(fb, on="threshold", suffixes=("", "_fb"))
-    points = points.rename(columns={"value_fb": "fallback_rate"})
-    small_acc = float(np.nanmean(_column(judged, judged.small)))
-    large_acc = float(np.nanmean(_column(judged, judged.large)))
-    ev_fb = evidence.loc[evidence["metric"] == "fallback_rate", "value"].iloc[0]
-    ev_save = evidence.loc[evidence["metric"] == "routing_cost_saving", "value"].iloc[0]
-    deploy = policy.with_threshold(min(sel.threshold, 1.0))
-    rule = {
-        "candidate": small,
-        "system": name,
-        "fallback": fallback,
-        "rule": describe_rule(deploy, fallback=fallback),
-        "threshold": sel.threshold,
-        "confidence_source": config.confidence,
-        "selection": sel.method,
-        "selection_note": sel.describe(),
-        "feasible": sel.feasible,
-        "n_calibration": len(sel.calibration_items),
-        "n_judged": int(judged.keys["item_id"].nunique()),
-        "fallback_rate": float(ev_fb),
-        "cost_saving": float(ev_save),
-        "cost_unit": judged.cost_unit,
-        "latency_source": "; ".join(sorted(set(costs["latency_source"]))),
-        "apgr": apgr(points, small=small_acc, large=large_acc),
-        "oracle_apgr": apgr(oracle, small=small_acc, large=large_acc),
-    }
-    plain = evidence_row(
-        small,
-        "fallback_rate",
-        0.0,
-        0.0,
-        0.0,
-        n=len(judged.keys),
-        method="by_construction",
-        confidence=confidence,
-        note="no router: every request is answered by the candidate",
-    )
-    evidence = pd.concat([evidence, pd.DataFrame([plain])], ignore_index=True)
+    rule = _summary(ctx, sel, policy, costs, evidence, shown, oracle)
     return {
         "evidence": evidence,
         "curve": curve,
@@ -304,19 +332,19 @@ def run_routing(run: str | Path | Run, *, config: Any = None, write: bool = True
     fallback, names = routed_candidates(run, config)
     if not names:
         raise CompkitError(f"{run.root}: no candidate to route (fallback {fallback!r})")
-    slice_columns = _slice_columns(run, rules, config)
-    context = (
+    ctx = _Context(
+        run,
+        config,
+        rules,
+        fallback,
         outcomes,
         run.outputs().astype({"item_id": str}),
         run.slices(),
-        slice_columns,
+        _slice_columns(run, rules, config),
         _metrics(rules, outcomes),
         run.confidence,
     )
-    parts = [
-        _route_candidate(run, n, fallback=fallback, config=config, rules=rules, context=context)
-        for n in names
-    ]
+    parts = [_route_candidate(ctx, n) for n in names]
     result = RoutingResult(
         evidence=pd.concat([p["evidence"] for p in parts], ignore_index=True)[RESULT_COLUMNS],
         curve=pd.concat([p["curve"] for p in parts], ignore_index=True),
