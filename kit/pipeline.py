@@ -13,6 +13,8 @@ folder (``compkit run STUDY --out runs/NAME``):
   4b   ``robustness``   ``04b_robustness.ipynb``          perturbations, distributions, artifacts
   5    ``serving``      ``05_serving.ipynb``              latency, throughput, memory, cost (served
                                                           models only: those with ``serving:``)
+  6    ``routing``      ``06_routing.ipynb``              small model + router + fallback, judged
+                                                          on held-out items
   7    ``memo``         ``07_acceptance_memo.ipynb``      verdicts, ``verdict.json``, ``memo.html``
 =====  ===============  ================================  =====================================
 
@@ -154,6 +156,18 @@ def _serving(inputs: StageInputs) -> dict[str, Any]:
     return {"run": str(inputs.run), "settings_sha256": digest}
 
 
+def _routing(inputs: StageInputs) -> dict[str, Any]:
+    """The run, the study (its ``routing:`` block is the router to build) and a hash of that
+    block, so that editing it reruns the stage."""
+    import json
+
+    from kit.study import load_study
+
+    cfg = load_study(inputs.study).routing.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+    return {"run": str(inputs.run), "study": str(inputs.study), "settings_sha256": digest}
+
+
 #: What the comparison stages read: the frozen inputs, every model's outputs and the outcomes.
 _OUTPUTS = ("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json", "outcomes.parquet")
 #: The robustness stage also reads the teacher-forced token distributions.
@@ -206,6 +220,15 @@ STAGES: tuple[Stage, ...] = (
         "deploy, load and measure the served models: latency, throughput, memory, cost",
         _serving,
         reads=("manifest.json", "frozen/*", "outputs/*/_COMPLETE.json"),
+    ),
+    Stage(
+        "routing",
+        "06_routing.ipynb",
+        "small model + router + fallback: every threshold simulated, the rule chosen on a "
+        "calibration split, the routed system's evidence on held-out items",
+        _routing,
+        needs_candidates=True,
+        reads=(*_OUTPUTS, "serving/*/profiles/*.parquet"),
     ),
     Stage(
         "memo",

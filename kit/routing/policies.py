@@ -261,7 +261,7 @@ POLICIES: dict[str, PolicyInfo] = {
     ),
     "abstention": PolicyInfo(
         "abstention",
-        "'not found', refusals and unreadable answers go to the fallback",
+        "'not found' and unreadable answers go to the fallback (refusals stay: a safety decision)",
         ("abstained",),
         False,
         Abstention,

@@ -116,11 +116,14 @@ def deferral_curve(
     metrics: Sequence[str] | None,
     confidence: float = 0.95,
     thresholds: Sequence[float] | None = None,
+    extra: Sequence[float] = (),
     n_resamples: int = 500,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Every threshold's blended system: :data:`CURVE_COLUMNS`, one row per threshold, metric
-    and slice value (``model`` = ``t<k>``; ``threshold`` the value)."""
+    and slice value (``model`` = ``t<k>``; ``threshold`` the value). ``thresholds`` default to
+    :func:`~kit.routing.simulate.threshold_grid` of the policy's confidence signal; ``extra``
+    are added (the chosen threshold, so the curve holds its exact point)."""
     signal = confidence_signal(policy)
     if signal is None:
         raise CompkitError(f"policy {policy.describe()!r} has no confidence threshold to sweep")
@@ -129,6 +132,7 @@ def deferral_curve(
         if thresholds is not None
         else threshold_grid(pairing.signals[signal].to_numpy(dtype=float))
     )
+    grid = np.union1d(grid, np.asarray(extra, float))
     names = [f"t{k}" for k in range(len(grid))]
     frames, system = [pairing.outcomes], []
     for name, t in zip(names, grid, strict=True):
@@ -343,3 +347,69 @@ def select_threshold(
         tuple(chosen),
         curve,
     )
+
+
+#: Columns of :func:`curve_points` (one row per threshold: what the charts draw).
+POINT_COLUMNS = [
+    "candidate",
+    "split",
+    "threshold",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "fallback_rate",
+    "latency_p95_ms",
+    "cost_per_request",
+    "cost_saving",
+]
+
+
+def curve_points(
+    curve: pd.DataFrame, *, metric: str = "accuracy", slice: str = "overall", slice_value="all"
+) -> pd.DataFrame:
+    """The deferral curve of one metric (overall or on one slice value) with each threshold's
+    system figures, one row per candidate, split and threshold (:data:`POINT_COLUMNS`)."""
+    need = {"candidate", "split", "threshold", "metric", "slice", "slice_value", "value"}
+    missing = need - set(curve.columns)
+    if missing:
+        raise CompkitError(f"curve_points needs a routing_curve frame; it lacks {sorted(missing)}")
+    keys = ["candidate", "split", "threshold"]
+    want = curve[
+        (curve["metric"] == metric)
+        & (curve["slice"] == slice)
+        & (curve["slice_value"].astype(str) == str(slice_value))
+    ]
+    if want.empty:
+        raise CompkitError(f"the routing curve has no {metric} on {slice}={slice_value}")
+    out = want[[*keys, "value", "value_ci_low", "value_ci_high"]].rename(
+        columns={"value_ci_low": "ci_low", "value_ci_high": "ci_high"}
+    )
+    out["metric"] = metric
+    system = curve[curve["metric"].isin([*SYSTEM_METRICS, *COST_METRICS.values()])]
+    wide = system.pivot_table(index=keys, columns="metric", values="value").reset_index()
+    cost = next((c for c in COST_METRICS.values() if c in wide.columns), None)
+    wide = wide.rename(
+        columns={
+            "blended_latency_p95_ms": "latency_p95_ms",
+            "routing_cost_saving": "cost_saving",
+            **({cost: "cost_per_request"} if cost else {}),
+        }
+    )
+    merged = out.merge(wide, on=keys, how="left")
+    return merged.reindex(columns=POINT_COLUMNS).sort_values(keys).reset_index(drop=True)
+
+
+def at_threshold(
+    curve: pd.DataFrame, *, candidate: str, threshold: float, split: str = "judged"
+) -> pd.DataFrame:
+    """The routed system at the curve's threshold nearest ``threshold`` (one candidate and
+    split): every metric's row, for exploring. The verdict never reads it."""
+    mine = curve[(curve["candidate"] == candidate) & (curve["split"] == split)]
+    if mine.empty:
+        raise CompkitError(f"no {split} routing curve for candidate {candidate!r}")
+    grid = np.sort(mine["threshold"].unique())
+    nearest = grid[int(np.argmin(np.abs(grid - float(threshold))))]
+    cols = ["metric", "slice", "slice_value", "n", "value", "value_ci_low", "value_ci_high"]
+    cols += ["delta", "ci_low", "ci_high", "threshold"]
+    return mine[mine["threshold"] == nearest][cols].reset_index(drop=True)

@@ -84,6 +84,7 @@ class RoutingResult:
     rules: pd.DataFrame
     oracle: pd.DataFrame
     paths: dict[str, Path] = field(default_factory=dict)
+    config_source: str = ""
 
 
 def _budget_rules(run: Run) -> list:
@@ -270,6 +271,7 @@ def _record(ctx: _Context, sel: Selection, policy, costs: pd.DataFrame) -> dict:
         slice_columns=ctx.slice_columns,
         metrics=ctx.metrics,
         confidence=ctx.confidence,
+        extra=[sel.threshold],
         seed=ctx.config.seed,
     )
     curve = pd.concat(
@@ -313,7 +315,31 @@ def routed_candidates(run: Run, config) -> tuple[str, list[str]]:
     return fallback, [n for n in names if n != fallback]
 
 
-def run_routing(run: str | Path | Run, *, config: Any = None, write: bool = True) -> RoutingResult:
+def routing_config(run: Run, study: str | Path | None = None) -> tuple[Any, str]:
+    """The ``routing:`` block to build and where it came from: the study file's (when given)
+    or the frozen study's; the note says when the two differ (the router was set after the
+    baseline was frozen, which the memo reports)."""
+    frozen = run.study.routing
+    if study is None or not str(study).strip():
+        return frozen, "the frozen study's routing: block"
+    from kit.study import load_study
+
+    current = load_study(study).routing
+    if current == frozen:
+        return current, "the study's routing: block (as frozen)"
+    return current, (
+        f"the routing: block of {study}, edited after the baseline was frozen (the frozen copy "
+        "differs): the threshold is still chosen on calibration items only"
+    )
+
+
+def run_routing(
+    run: str | Path | Run,
+    *,
+    config: Any = None,
+    study: str | Path | None = None,
+    write: bool = True,
+) -> RoutingResult:
     """Stage 6: the routed system of every candidate (module docstring), written to ``tables/``.
 
     Parameters
@@ -321,12 +347,16 @@ def run_routing(run: str | Path | Run, *, config: Any = None, write: bool = True
     run
         A frozen run with outcomes (stage 2); serving timelines are used when stage 5 ran.
     config
-        A :class:`kit.study.RoutingConfig` (default: the frozen study's ``routing:``).
+        A :class:`kit.study.RoutingConfig` (default: :func:`routing_config`).
+    study
+        The study file whose ``routing:`` block to use (default: the frozen study's).
     write
         Write the tables and ``routing.json``.
     """
     run = Run.open(run)
-    config = config if config is not None else run.study.routing
+    config, source = (
+        (config, "given by the caller") if config is not None else routing_config(run, study)
+    )
     rules = _budget_rules(run)
     outcomes = run.outcomes().astype({"item_id": str})
     fallback, names = routed_candidates(run, config)
@@ -352,6 +382,7 @@ def run_routing(run: str | Path | Run, *, config: Any = None, write: bool = True
         rules=pd.DataFrame([p["rule"] for p in parts], columns=RULE_COLUMNS),
         oracle=pd.concat([p["oracle"] for p in parts], ignore_index=True),
     )
+    result.config_source = source
     if write:
         _write(run, result, config)
     return result
@@ -370,6 +401,7 @@ def _write(run: Run, result: RoutingResult, config) -> None:
         "kind": "compkit.routing",
         "created_at": now_iso(),
         "config": config.model_dump(mode="json"),
+        "config_source": result.config_source,
         "confidence": run.confidence,
         "rules": json.loads(result.rules.to_json(orient="records")),
         "kit": kit_info().model_dump(mode="json"),
