@@ -51,6 +51,8 @@ DECISION_WORDS = {
     "accepted": "may replace the baseline",
     "rejected": "may not replace the baseline",
     "inconclusive": "cannot be decided on this evidence",
+    "accepted with routing rule": "may replace the baseline only behind its router, with the "
+    "rule below (the large model stays as fallback)",
 }
 
 
@@ -254,7 +256,85 @@ def evidence_figures(run_dir: str | Path) -> list[Figure]:
         figures
         + robustness_figures(run_dir)
         + serving_figures(run_dir, quality=table, metric=metric)
+        + routing_figures(run_dir, metric=metric)
     )
+
+
+def routing_figures(run_dir: Path, *, metric: str) -> list[Figure]:
+    """Stage 6's deferral curve and Pareto fronts (judged items) when it has run."""
+    from kit.report.charts import routing as rt
+    from kit.routing.sweep import curve_points
+
+    curve, oracle = _read(run_dir, "routing_curve"), _read(run_dir, "routing_oracle")
+    rules = _read(run_dir, "routing_rules")
+    if curve is None or curve.empty:
+        return []
+    name = metric if (curve["metric"] == metric).any() else "accuracy"
+    points = curve_points(curve, metric=name)
+    return [
+        _figure(
+            "deferral",
+            f"Routing: {name} against the fallback rate",
+            "Every threshold of the router on the held-out (judged) items, with 95% CIs; "
+            "dashed: the oracle router; ring: the rule chosen on the calibration items.",
+            lambda: rt.deferral_chart(points, oracle=oracle, rules=rules),
+        ),
+        _figure(
+            "pareto_cost",
+            f"Routing: {name} against the blended cost",
+            "The small model is always paid, the large one on fallback (model seconds "
+            "without a cost: block).",
+            lambda: rt.pareto_chart(points, x="cost_per_request"),
+        ),
+        _figure(
+            "pareto_p95",
+            f"Routing: {name} against the blended p95 latency",
+            "p95 of the per-request mixture: a fallback request pays small + large latency.",
+            lambda: rt.pareto_chart(points, x="latency_p95_ms"),
+        ),
+    ]
+
+
+_SYSTEM_METRICS = (
+    "fallback_rate",
+    "blended_latency_p95_ms",
+    "blended_cost_per_request_usd",
+    "blended_compute_s_per_request",
+    "routing_cost_saving",
+)
+
+
+def _routing_rows(run_dir: Path, report: VerdictReport) -> list[dict[str, Any]]:
+    """Per routed candidate: the rule to deploy and large-only / small-only / routed side by
+    side on the judged items (the budget's metrics and slices, then the system figures)."""
+    from kit.metrics import METRICS
+
+    systems, rules = _read(run_dir, "routing_systems"), _read(run_dir, "routing_rules")
+    if systems is None or rules is None or rules.empty:
+        return []
+    wanted = {(r.metric, r.slice) for r in report.rules}
+    out = []
+    for rule in rules.to_dict("records"):
+        mine = systems[systems["candidate"] == rule["candidate"]]
+        keys = [("accuracy", "overall"), *sorted(wanted - {("accuracy", "overall")})]
+        keys = list(dict.fromkeys([*keys, *((m, "overall") for m in _SYSTEM_METRICS)]))
+        rows = []
+        for metric, where in keys:
+            col, _, val = where.partition("=")
+            pick = mine[(mine["metric"] == metric) & (mine["slice"] == (col or "overall"))]
+            if val:
+                pick = pick[pick["slice_value"].astype(str) == val]
+            if pick.empty or metric not in METRICS:
+                continue
+            unit = METRICS[metric].unit
+            cells = {}
+            for r in pick.to_dict("records"):
+                ci = format_ci(r["value_ci_low"], r["value_ci_high"], unit=unit, quantity="value")
+                cells[r["system"]] = f"{format_number(r['value'], unit=unit)} ({ci})"
+            rows.append({"metric": metric, "slice": where, "cells": cells})
+        order = [f"{rule['fallback']} only", f"{rule['candidate']} only", rule["system"]]
+        out.append({**rule, "systems": order, "rows": rows})
+    return out
 
 
 def serving_figures(run_dir: Path, *, quality: pd.DataFrame | None, metric: str) -> list[Figure]:
@@ -618,6 +698,7 @@ def memo_context(
         "baseline_facts": _baseline_facts(manifest),
         "noise": _noise_rows(run_dir),
         "robustness": _robustness(run_dir),
+        "routing": _routing_rows(run_dir, report),
         "repeats": manifest.inputs.repeats,
         "undecided": _undecided(report),
         "evidence": [e.model_dump() for e in report.evidence],
