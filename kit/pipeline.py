@@ -163,7 +163,8 @@ def _routing(inputs: StageInputs) -> dict[str, Any]:
 
     from kit.study import load_study
 
-    cfg = load_study(inputs.study).routing.model_dump(mode="json")
+    routing = load_study(inputs.study).routing
+    cfg = routing.model_dump(mode="json") if routing is not None else None
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
     return {"run": str(inputs.run), "study": str(inputs.study), "settings_sha256": digest}
 

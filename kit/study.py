@@ -596,8 +596,10 @@ class Study(_Strict):
         default_factory=ExecutionConfig,
         description="where model runs execute: local (default) or sharded over Ray actors",
     )
-    routing: RoutingConfig = Field(
-        default_factory=RoutingConfig, description="router and fallback of stage 6 (routing)"
+    routing: RoutingConfig | None = Field(
+        default=None,
+        description="router and fallback of stage 6 (routing); without it stage 6 does nothing "
+        "(`routing: {}` routes every candidate with the defaults)",
     )
     # set by load_study, not by the YAML
     source: Path | None = Field(default=None, exclude=True)
@@ -613,7 +615,8 @@ class Study(_Strict):
                 raise ValueError(
                     f"candidate {c.name!r}: base {c.base!r} is not a model of this study"
                 )
-        routed = [*(self.routing.candidates or []), self.routing.fallback]
+        routing = self.routing
+        routed = [*(routing.candidates or []), routing.fallback] if routing else []
         unknown = [n for n in routed if n is not None and n not in names]
         if unknown:
             raise ValueError(

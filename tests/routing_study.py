@@ -85,7 +85,9 @@ BUDGET = {
 }
 
 
-def write_study(folder: Path, *, n: int = 400, routing: dict | None = None) -> Path:
+def write_study(
+    folder: Path, *, n: int = 400, routing: dict | None = None, routed: bool = True
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows = items(n)
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -102,7 +104,7 @@ def write_study(folder: Path, *, n: int = 400, routing: dict | None = None) -> P
         "baseline": {"name": "large", "runtime": "predictions", "model": "large.jsonl"},
         "candidates": [{"name": "small", "runtime": "predictions", "model": "small.jsonl"}],
         "budget": "budget.yaml",
-        **({"routing": routing} if routing else {}),
+        **({"routing": routing or {}} if routed else {}),
     }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kit.analysis.compare import RESULT_COLUMNS
+from kit.analysis.compare import RESULT_COLUMNS, flip_table
 from kit.errors import CompkitError
 from kit.routing.costs import request_costs
 from kit.routing.policies import describe_rule, policy_from_config
@@ -50,6 +50,7 @@ from kit.routing.simulate import (
 )
 from kit.routing.sweep import Selection, deferral_curve, select_threshold, system_rows
 from kit.run import Run
+from kit.stages.drilldown import flip_rate_evidence
 
 TABLES = ("routing_evidence", "routing_curve", "routing_systems", "routing_rules", "routing_oracle")
 REPORT = "routing.json"
@@ -215,6 +216,14 @@ def _judged_evidence(ctx: _Context, sel: Selection, name: str) -> pd.DataFrame:
         seed=ctx.config.seed,
     )
     system = system_rows(judged, sel.routed, name=name, confidence=ctx.confidence)
+    flips = flip_table(
+        pd.concat([judged.outcomes, blended], ignore_index=True),
+        baseline=ctx.run.baseline,
+        candidates=[name],
+        metric="correct",
+    )
+    flip_rows = flip_rate_evidence(flips, confidence=ctx.confidence)
+    rows = pd.concat([rows, flip_rows], ignore_index=True)
     plain = evidence_row(
         judged.small,
         "fallback_rate",
@@ -321,10 +330,14 @@ def routing_config(run: Run, study: str | Path | None = None) -> tuple[Any, str]
     baseline was frozen, which the memo reports)."""
     frozen = run.study.routing
     if study is None or not str(study).strip():
+        if frozen is None:
+            return None, "no routing: block in the frozen study: stage 6 has nothing to build"
         return frozen, "the frozen study's routing: block"
     from kit.study import load_study
 
     current = load_study(study).routing
+    if current is None:
+        return None, f"no routing: block in {study}: stage 6 has nothing to build"
     if current == frozen:
         return current, "the study's routing: block (as frozen)"
     return current, (
@@ -357,6 +370,8 @@ def run_routing(
     config, source = (
         (config, "given by the caller") if config is not None else routing_config(run, study)
     )
+    if config is None:
+        return _empty(source)
     rules = _budget_rules(run)
     outcomes = run.outcomes().astype({"item_id": str})
     fallback, names = routed_candidates(run, config)
@@ -386,6 +401,18 @@ def run_routing(
     if write:
         _write(run, result, config)
     return result
+
+
+def _empty(source: str) -> RoutingResult:
+    """Nothing routed (no ``routing:`` block): empty frames, nothing written."""
+    return RoutingResult(
+        evidence=pd.DataFrame(columns=RESULT_COLUMNS),
+        curve=pd.DataFrame(),
+        systems=pd.DataFrame(),
+        rules=pd.DataFrame(columns=RULE_COLUMNS),
+        oracle=pd.DataFrame(),
+        config_source=source,
+    )
 
 
 def _write(run: Run, result: RoutingResult, config) -> None:
