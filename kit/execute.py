@@ -303,6 +303,14 @@ def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]]) ->
     return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
 
 
+def output_row(
+    model: str, g: Generation, s: ChoiceScores | None, *, repeat: int, seed: int, created: str
+) -> dict:
+    """One stored output row (:data:`OUTPUT_COLUMNS`) from a generation and its choice scores
+    (the live router builds its signals from the same rows stage 2 stores)."""
+    return _row(model, g, s, repeat, seed, created)
+
+
 def _row(
     model: str, g: Generation, s: ChoiceScores | None, repeat: int, seed: int, created: str
 ) -> dict:

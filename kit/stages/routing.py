@@ -16,6 +16,7 @@ stage 5 ran) and writes:
 ``tables/routing_rules.parquet``     per candidate: the rule to deploy, how it was chosen,
                                       its fallback rate, saving, APGR and the oracle's
 ``tables/routing_oracle.parquet``    the oracle curve on the judged items
+``tables/routing_items.parquet``     which items calibrated the threshold and which judged it
 ``routing.json``                     parameters and provenance
 
 Example
@@ -52,7 +53,14 @@ from kit.routing.sweep import Selection, deferral_curve, select_threshold, syste
 from kit.run import Run
 from kit.stages.drilldown import flip_rate_evidence
 
-TABLES = ("routing_evidence", "routing_curve", "routing_systems", "routing_rules", "routing_oracle")
+TABLES = (
+    "routing_evidence",
+    "routing_curve",
+    "routing_systems",
+    "routing_rules",
+    "routing_oracle",
+    "routing_items",
+)
 REPORT = "routing.json"
 RULE_COLUMNS = [
     "candidate",
@@ -84,6 +92,7 @@ class RoutingResult:
     systems: pd.DataFrame
     rules: pd.DataFrame
     oracle: pd.DataFrame
+    items: pd.DataFrame
     paths: dict[str, Path] = field(default_factory=dict)
     config_source: str = ""
 
@@ -303,7 +312,22 @@ def _record(ctx: _Context, sel: Selection, policy, costs: pd.DataFrame) -> dict:
         "systems": systems,
         "rule": rule,
         "oracle": oracle,
+        "items": _item_roles(sel),
     }
+
+
+def _item_roles(sel: Selection) -> pd.DataFrame:
+    """Which items calibrated the threshold and which judged the routed system."""
+    judged = sorted(set(sel.judged.keys["item_id"]))
+    calibration = list(sel.calibration_items) if sel.method == "split" else []
+    role = "judged (cross-fitted)" if sel.method == "crossfit" else "judged"
+    return pd.DataFrame(
+        {
+            "candidate": sel.judged.small,
+            "item_id": [*calibration, *judged],
+            "role": ["calibration"] * len(calibration) + [role] * len(judged),
+        }
+    )
 
 
 def _column(pairing: Pairing, model: str) -> np.ndarray:
@@ -396,6 +420,7 @@ def run_routing(
         systems=pd.concat([p["systems"] for p in parts], ignore_index=True),
         rules=pd.DataFrame([p["rule"] for p in parts], columns=RULE_COLUMNS),
         oracle=pd.concat([p["oracle"] for p in parts], ignore_index=True),
+        items=pd.concat([p["items"] for p in parts], ignore_index=True),
     )
     result.config_source = source
     if write:
@@ -411,6 +436,7 @@ def _empty(source: str) -> RoutingResult:
         systems=pd.DataFrame(),
         rules=pd.DataFrame(columns=RULE_COLUMNS),
         oracle=pd.DataFrame(),
+        items=pd.DataFrame(columns=["item_id", "role", "candidate"]),
         config_source=source,
     )
 
