@@ -13,7 +13,11 @@ Exit codes
 3  ``gate``: inconclusive (no rule failed, but one is undecided or not measured)
 4  ``gate``: accepted with routing rule (the candidate alone is not accepted, but the routed
    system of stage 6, candidate + router + fallback, passes every rule: deploy it only with
-   the printed rule); ``monitor``: the router drifted from what stage 6 measured
+   the printed rule)
+
+``compkit monitor RUN --log FILE`` exits 0 when the deployed router matches what stage 6
+measured and 1 when any check drifted (fallback rate, rule agreement, confidence
+distribution, accuracy on labelled requests).
 
 ``compkit gate runs/NAME`` without ``--candidate`` passes (0) only when every candidate is
 accepted; 4 when every candidate is accepted alone or with its routing rule; otherwise it
@@ -244,6 +248,26 @@ def _print_budget_banner(report, *, file=None) -> None:
             print(report.budget.diff.rstrip(), file=file)
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    import json
+
+    from kit.routing.monitor import monitor_log
+
+    checks = monitor_log(args.run, log=args.log, candidate=args.candidate)
+    if args.json:
+        print(json.dumps(json.loads(checks.to_json(orient="records")), indent=2))
+    else:
+        for r in checks.itertuples():
+            state = "DRIFT" if r.drifted else "ok"
+            print(
+                f"{r.check:>17}: {state:5} reference {r.reference:.4g}, observed "
+                f"{r.observed:.4g} ({r.note})"
+            )
+    drifted = bool(checks["drifted"].any())
+    print(f"monitor: {'drift' if drifted else 'no drift'} -> exit {int(drifted)}")
+    return int(drifted)
+
+
 def _cmd_gate(args: argparse.Namespace) -> int:
     import json
 
@@ -395,6 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the verdict rows as JSON")
     p.set_defaults(func=_cmd_gate)
+
+    p = sub.add_parser(
+        "monitor",
+        help="the routing rule against a later request log: fallback rate, rule agreement, "
+        "confidence shift, labelled accuracy; exit 1 on drift",
+    )
+    p.add_argument("run", help="run folder where stage 6 (routing) ran")
+    p.add_argument("--log", required=True, help="request log (JSONL) of the deployed router")
+    p.add_argument("--candidate", metavar="NAME", help="routed candidate (default: the first)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=_cmd_monitor)
 
     p = sub.add_parser(
         "demo", help="run the whole pipeline on the built-in demo study; print the memo path"

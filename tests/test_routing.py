@@ -337,3 +337,51 @@ def test_memo_shows_the_three_systems_side_by_side(routed_run):
     assert 'id="fig-deferral"' in text and "<script" not in text
     report = json.loads((routed_run / "routing.json").read_text())
     assert report["kind"] == "compkit.routing" and report["rules"][0]["candidate"] == "small"
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def _reference_log(run_dir: Path) -> pd.DataFrame:
+    """What the deployed router would log on the judged items: the rule's own decisions."""
+    from kit.routing.monitor import _reference
+    from kit.run import Run
+
+    policy, ref, _ = _reference(Run.open(run_dir), "small")
+    log = ref.assign(routed=policy.route(ref))
+    outcomes = Run.open(run_dir).outcomes()
+    small = outcomes[outcomes["model"] == "small"].set_index("item_id")["correct"]
+    large = outcomes[outcomes["model"] == "large"].set_index("item_id")["correct"]
+    log["correct"] = np.where(log["routed"], large[log["item_id"]], small[log["item_id"]])
+    return log
+
+
+def test_monitor_sees_no_drift_on_the_judged_traffic_and_drift_on_shifted_traffic(
+    routed_run, tmp_path, capsys
+):
+    from kit.routing.monitor import monitor_log
+
+    log = _reference_log(routed_run)
+    same = monitor_log(routed_run, log=log).set_index("check")
+    assert not same["drifted"].any(), same
+    assert same.loc["fallback_rate", "observed"] == same.loc["fallback_rate", "reference"]
+    # later traffic the small model is less sure of: more fallback, a shifted distribution
+    from kit.routing.monitor import _reference
+    from kit.run import Run
+
+    policy = _reference(Run.open(routed_run), "small")[0]
+    later = log.assign(auto_confidence=log["auto_confidence"] - 0.25)
+    later["routed"] = policy.route(later)
+    later["correct"] = 0.0  # and the labelled answers got worse
+    shifted = monitor_log(routed_run, log=later).set_index("check")
+    assert shifted.loc[["fallback_rate", "confidence_shift", "accuracy"], "drifted"].all()
+    # a deployment that does not run the judged rule
+    wrong = log.assign(routed=~log["routed"])
+    assert monitor_log(routed_run, log=wrong).set_index("check").loc["rule_agreement", "drifted"]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in later.to_dict("records")))
+    assert main(["monitor", str(routed_run), "--log", str(path)]) == 1
+    assert "monitor: drift -> exit 1" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('{"routed": true}\nnot json\n')
+    assert main(["monitor", str(routed_run), "--log", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl, line 2: not JSON" in capsys.readouterr().err
