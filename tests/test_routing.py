@@ -258,7 +258,7 @@ def test_changing_judged_items_never_moves_the_threshold(routed_run):
     cfg = RoutingConfig()
     outcomes = run.outcomes().astype({"item_id": str})
     sig = build_signals(run.outputs(), outcomes, model="small", slices=run.slices())
-    costs = request_costs(run, ["small", "large"])
+    costs = request_costs(run, ["small", "large"], timelines=None)
     _, held = split_items(sig, share=cfg.calibration_share, seed=cfg.seed)
     spoiled = outcomes.copy()
     spoiled.loc[(spoiled["model"] == "small") & spoiled["item_id"].isin(held), "correct"] = 0.0

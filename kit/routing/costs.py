@@ -27,15 +27,10 @@ COST_COLUMNS = ["model", "item_id", "repeat", "latency_s", "latency_source", "co
 COMPUTE_UNIT = "compute seconds (no cost: block; latency stands in for cost)"
 
 
-def _serving_latency(run, model: str) -> pd.DataFrame | None:
-    from kit.stages.serving import load_timelines
-
-    try:
-        tl = load_timelines(run, [model])
-    except CompkitError:
+def _serving_latency(timelines: pd.DataFrame | None, model: str) -> pd.DataFrame | None:
+    if timelines is None or timelines.empty or "profile" not in timelines.columns:
         return None
-    if tl.empty or "profile" not in tl.columns:
-        return None
+    tl = timelines[timelines["model"] == model]
     tl = tl[(tl["profile"] == "synchronous") & (tl["phase"] == "measure") & (tl["status"] == "ok")]
     if tl.empty:
         return None
@@ -55,8 +50,13 @@ def _price(spec, outputs: pd.DataFrame, latency: np.ndarray) -> np.ndarray:
     return (prompt * cost.usd_per_1m_input_tokens + out * cost.usd_per_1m_output_tokens) / 1e6
 
 
-def request_costs(run, models: Sequence[str]) -> pd.DataFrame:
+def request_costs(
+    run, models: Sequence[str], *, timelines: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """:data:`COST_COLUMNS` for ``models`` of a :class:`kit.run.Run` (see the module docstring).
+
+    ``timelines`` are the serving stage's per-request timelines
+    (:func:`kit.stages.serving.load_timelines`), when it ran.
 
     Raises
     ------
@@ -71,7 +71,7 @@ def request_costs(run, models: Sequence[str]) -> pd.DataFrame:
             raise CompkitError(f"{run.root}: no stored outputs for model {model!r} (stage 2)")
         rows = outputs[["item_id", "repeat", "latency_s", "prompt_tokens", "output_tokens"]].copy()
         rows["item_id"] = rows["item_id"].astype(str)
-        served = _serving_latency(run, model)
+        served = _serving_latency(timelines, model)
         source = "stage 2 outputs (eval run)"
         if served is not None and set(rows["item_id"]) <= set(served["item_id"]):
             rows = rows.drop(columns="latency_s").merge(served, on="item_id", how="left")

@@ -178,6 +178,7 @@ class _Context:
     slice_columns: list[str]
     metrics: list[str]
     confidence: float
+    timelines: pd.DataFrame | None
 
 
 def _route_candidate(ctx: _Context, small: str) -> dict:
@@ -185,7 +186,7 @@ def _route_candidate(ctx: _Context, small: str) -> dict:
     signals = build_signals(
         ctx.outputs, ctx.outcomes, model=small, slices=ctx.slices, quantile=config.token_quantile
     )
-    costs = request_costs(ctx.run, [small, ctx.fallback])
+    costs = request_costs(ctx.run, [small, ctx.fallback], timelines=ctx.timelines)
     pairing = pair_models(
         ctx.outcomes, signals, costs, small=small, large=ctx.fallback, baseline=ctx.run.baseline
     )
@@ -412,6 +413,7 @@ def run_routing(
         _slice_columns(run, rules, config),
         _metrics(rules, outcomes),
         run.confidence,
+        _timelines(run),
     )
     parts = [_route_candidate(ctx, n) for n in names]
     result = RoutingResult(
@@ -426,6 +428,14 @@ def run_routing(
     if write:
         _write(run, result, config)
     return result
+
+
+def _timelines(run: Run) -> pd.DataFrame | None:
+    """The serving stage's per-request timelines (None before stage 5)."""
+    from kit.stages.serving import load_timelines
+
+    frame = load_timelines(run)
+    return frame if not frame.empty else None
 
 
 def _empty(source: str) -> RoutingResult:
