@@ -210,6 +210,7 @@ def test_every_stage_notebook_has_typed_parameters_and_no_outputs():
         "calibration",
         "robustness",
         "serving",
+        "routing",
         "memo",
     ]
     demo = Path(__file__).resolve().parent.parent / "data" / "demo" / "study.yaml"
@@ -294,6 +295,7 @@ def test_pipeline_writes_every_artifact(piped):
         "calibration",
         "robustness",
         "serving",
+        "routing",
         "memo",
     ]
     serving = json.loads((out / "serving.json").read_text())  # no model has a serving: block
@@ -344,8 +346,8 @@ def test_rerunning_an_earlier_stage_makes_later_ones_stale(piped, capsys):
     assert main(["gate", str(out)]) == 2  # the verdict predates the new calibration tables
     assert "rerun `compkit run`" in capsys.readouterr().err
     result = run_pipeline(study, out, progress=False)
-    # later stages are stale (serving reuses its results)
-    assert result.ran == ["robustness", "serving", "memo"]
+    # later stages are stale (serving reuses its results; routing has no routing: block)
+    assert result.ran == ["robustness", "serving", "routing", "memo"]
     assert result.skipped == ["freeze", "candidates", "drilldown", "calibration"]
     assert main(["gate", str(out), "--candidate", "fixer"]) == 0
 
@@ -360,8 +362,8 @@ def test_a_candidate_rerun_makes_the_comparison_stages_stale(piped, capsys):
     assert main(["gate", str(out)]) == 2  # the verdict no longer describes the outputs
     assert "changed" in capsys.readouterr().err
     result = run_pipeline(study, out, progress=False)
-    ran = ["drilldown", "calibration", "robustness", "serving", "memo"]  # both read outputs
-    assert result.ran == ran
+    ran = ["drilldown", "calibration", "robustness", "serving", "routing", "memo"]
+    assert result.ran == ran  # they read the outputs
     assert main(["gate", str(out), "--candidate", "same"]) == 0
 
 
