@@ -78,6 +78,7 @@ def test_exports_draw_every_chart_offline_and_run_no_payload(piped, tmp_path):
         "03_slice_drilldown",
         "04_calibration",
         "05_serving",
+        "06_routing",
         "07_acceptance_memo",
     ]
     with chromium() as browser:
