@@ -385,3 +385,37 @@ def test_monitor_sees_no_drift_on_the_judged_traffic_and_drift_on_shifted_traffi
     (tmp_path / "bad.jsonl").write_text('{"routed": true}\nnot json\n')
     assert main(["monitor", str(routed_run), "--log", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl, line 2: not JSON" in capsys.readouterr().err
+
+
+def test_cascade_over_three_models_is_simulated_request_by_request():
+    from kit.routing.simulate import cascade_system
+
+    ids = [f"i{k}" for k in range(4)]
+    right = {"tiny": [1, 0, 0, 1], "mid": [0, 1, 0, 0], "big": [1, 1, 1, 0]}
+    outcomes = pd.DataFrame(
+        [
+            {"model": m, "item_id": i, "repeat": 0, "task": "classification", "correct": float(c)}
+            for m, cs in right.items()
+            for i, c in zip(ids, cs, strict=True)
+        ]
+    )
+    sig = {"tiny": signals([0.9, 0.2, 0.2, 0.9]), "mid": signals([0.1, 0.9, 0.1, 0.1])}
+    for s in sig.values():
+        s["item_id"] = ids
+    seconds = {"tiny": 0.01, "mid": 0.1, "big": 1.0}
+    costs = pd.DataFrame(
+        [
+            {"model": m, "item_id": i, "repeat": 0, "latency_s": t, "cost_usd": np.nan}
+            for m, t in seconds.items()
+            for i in ids
+        ]
+    )
+    cascade = Cascade(
+        models=("tiny", "mid", "big"),
+        policies=(ConfidenceBelow(threshold=0.5), ConfidenceBelow(threshold=0.5)),
+    )
+    system, figures = cascade_system(outcomes, sig, costs, cascade, name="cascade")
+    assert figures["served_by"].tolist() == ["tiny", "mid", "big", "tiny"]
+    assert system["correct"].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # a request pays every model it reached
+    assert figures["latency_s"].tolist() == pytest.approx([0.01, 0.11, 1.11, 0.01])

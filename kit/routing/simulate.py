@@ -367,3 +367,56 @@ def evidence_row(
         note=note,
     )
     return row
+
+
+def cascade_system(
+    outcomes: pd.DataFrame,
+    signals: dict[str, pd.DataFrame],
+    costs: pd.DataFrame,
+    cascade,
+    *,
+    name: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A cascade over more than two models (:class:`kit.routing.policies.Cascade`) simulated
+    from per-item outcomes: ``(outcomes of the system, per-request figures)``.
+
+    Each request is answered by ``models[0]``; step ``k``'s policy reads model ``k``'s
+    signals and passes it on; the request pays the latency and cost of every model it reached.
+    The figures frame has ``item_id, repeat, stage, served_by, latency_s, cost``; ``cost`` is
+    in USD when every model has a price, else in model seconds.
+
+    Raises
+    ------
+    CompkitError
+        When a model lacks signals, outcomes or measured requests for the first model's
+        requests.
+    """
+    models = list(cascade.models)
+    keys = signals[models[0]][KEY].astype({"item_id": str}).reset_index(drop=True)
+    aligned = {}
+    for m in models[:-1]:
+        aligned[m] = keys.merge(signals[m].astype({"item_id": str}), on=KEY, how="left")
+    stage = cascade.final_stage(aligned)
+    lat, price = np.zeros(len(keys)), np.zeros(len(keys))
+    priced = bool(np.isfinite(costs["cost_usd"].to_numpy(dtype=float)).all())
+    served = []
+    for k, m in enumerate(models):
+        mine = keys.merge(costs[costs["model"] == m].astype({"item_id": str}), on=KEY, how="left")
+        if mine["latency_s"].isna().any():
+            raise CompkitError(f"cascade: model {m!r} lacks measured requests for some items")
+        reached = stage >= k
+        lat += reached * mine["latency_s"].to_numpy(dtype=float)
+        price += reached * (mine["cost_usd"] if priced else mine["latency_s"]).to_numpy(float)
+        rows = outcomes[outcomes["model"] == m].astype({"item_id": str})
+        pick = keys[stage == k].merge(rows, on=KEY, how="left", validate="one_to_one")
+        if pick["correct"].isna().any():
+            raise CompkitError(f"cascade: model {m!r} lacks outcomes for some items")
+        served.append(pick)
+    system = pd.concat(served, ignore_index=True).assign(model=name)
+    figures = keys.assign(
+        stage=stage,
+        served_by=[models[s] for s in stage],
+        latency_s=lat,
+        cost=price,
+    )
+    return system.sort_values(KEY, kind="stable").reset_index(drop=True), figures
