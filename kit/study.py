@@ -175,6 +175,7 @@ class ExecutionConfig(_Strict):
             raise ValueError(f"unknown engine {v!r}{hint}; available: {sorted(ENGINES)}")
         return v
 
+
 class RoutingConfig(_Strict):
     """How stage 6 builds the routed system: a candidate answers, a router sends some requests
     to the fallback model (see :mod:`kit.routing`)."""
