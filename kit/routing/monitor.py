@@ -101,12 +101,9 @@ def monitor_log(run, *, log: str | Path | pd.DataFrame, candidate: str | None = 
         The run was not routed, the candidate is unknown, or the log lacks the fields the
         rule reads (``routed`` and the rule's confidence signal).
     """
-    from scipy.stats import ks_2samp
-
     from kit.routing.client import read_log
     from kit.routing.policies import confidence_signal
     from kit.run import Run
-    from kit.stats.serving_intervals import independent_proportion_difference_ci
 
     run = Run.open(run)
     if not run.has_table("routing_rules"):
@@ -122,7 +119,17 @@ def monitor_log(run, *, log: str | Path | pd.DataFrame, candidate: str | None = 
     if missing:
         raise CompkitError(f"request log lacks field(s) {missing} that the routing rule reads")
     level = run.confidence
-    alpha = 1 - level
+    rows = _routing_checks(frame, policy, ref, level)
+    shift = _confidence_check(ref, frame, signal, level)
+    rows += [shift] if shift is not None else []
+    rows.append(_quality(frame, acc, level))
+    return pd.DataFrame(rows, columns=MONITOR_COLUMNS)
+
+
+def _routing_checks(frame: pd.DataFrame, policy, ref: pd.DataFrame, level: float) -> list[dict]:
+    """Fallback rate against the judged items, and the rule re-applied to the log."""
+    from kit.stats.serving_intervals import independent_proportion_difference_ci
+
     ref_routed = policy.route(ref)
     obs_routed = frame["routed"].astype(bool).to_numpy()
     k1, n1, k2, n2 = int(obs_routed.sum()), len(obs_routed), int(ref_routed.sum()), len(ref)
@@ -153,25 +160,30 @@ def monitor_log(run, *, log: str | Path | pd.DataFrame, candidate: str | None = 
             note=f"{disagree} request(s) routed otherwise than the judged rule would",
         )
     )
+    return rows
+
+
+def _confidence_check(ref: pd.DataFrame, frame: pd.DataFrame, signal: str, level: float):
+    """Two-sample Kolmogorov–Smirnov test of the confidence distributions (None: no values)."""
+    from scipy.stats import ks_2samp
+
+    alpha = 1 - level
     r = ref[signal].to_numpy(dtype=float)
     o = pd.to_numeric(frame[signal], errors="coerce").to_numpy(dtype=float)
     r, o = r[np.isfinite(r)], o[np.isfinite(o)]
     if r.size and o.size:
         test = ks_2samp(r, o)
-        rows.append(
-            _row(
-                "confidence_shift",
-                float(np.median(r)),
-                float(np.median(o)),
-                r.size,
-                o.size,
-                p=float(test.pvalue),
-                drift=test.pvalue < alpha,
-                note=f"medians; KS D = {test.statistic:.3f}, PSI = {_psi(r, o):.3f}",
-            )
+        return _row(
+            "confidence_shift",
+            float(np.median(r)),
+            float(np.median(o)),
+            r.size,
+            o.size,
+            p=float(test.pvalue),
+            drift=test.pvalue < alpha,
+            note=f"medians; KS D = {test.statistic:.3f}, PSI = {_psi(r, o):.3f}",
         )
-    rows.append(_quality(frame, acc, level))
-    return pd.DataFrame(rows, columns=MONITOR_COLUMNS)
+    return None
 
 
 def _signals_of(frame: pd.DataFrame, policy) -> pd.DataFrame:

@@ -325,6 +325,11 @@ def select_threshold(
         return Selection(
             "split", pick.threshold, pick.feasible, tuple(cal), judged, routed, (), curve
         )
+    return _crossfit(pairing, policy, items, config, choose)
+
+
+def _crossfit(pairing: Pairing, policy, items: pd.DataFrame, config, choose) -> Selection:
+    """Each fold routed with the threshold chosen on the other folds."""
     folds = fold_items(items, folds=config.folds, seed=config.seed)
     routed = np.zeros(len(pairing.keys), bool)
     chosen = []
