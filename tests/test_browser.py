@@ -77,6 +77,7 @@ def test_exports_draw_every_chart_offline_and_run_no_payload(piped, tmp_path):
         "02_run_candidates",
         "03_slice_drilldown",
         "04_calibration",
+        "04b_robustness",
         "05_serving",
         "06_routing",
         "07_acceptance_memo",
