@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME",
         help="run only this stage, always (repeatable): freeze, candidates, drilldown, "
-        "calibration, robustness, serving, memo",
+        "calibration, robustness, serving, routing, memo",
     )
     p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress output")
