@@ -8,7 +8,10 @@ from setuptools import find_packages, setup
 SHIPPED = {
     "kit._notebooks": ("notebooks", ["*.ipynb"]),
     "kit._templates": ("templates", ["*.j2", "nbconvert/*/*", "new_study/*"]),
-    "kit._data": ("data", ["demo/*.yaml", "demo/*.jsonl", "demo/*.md", "demo/prompts/*"]),
+    "kit._data": (
+        "data",
+        ["demo/*.yaml", "demo/*.jsonl", "demo/*.md", "demo/prompts/*", "demo/sources/*/*"],
+    ),
 }
 
 setup(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,9 @@ class RunPlan:
     sampling: SamplingConfig
     repeats: int
     score_choices: bool = True
+    schemas: dict[str, dict] = field(default_factory=dict)
+    structured_output: bool = True
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # task -> token limit
 
     @classmethod
     def build(
@@ -91,8 +94,10 @@ class RunPlan:
         runtime: Runtime,
         sampling: SamplingConfig,
         repeats: int,
+        schemas: dict[str, dict] | None = None,
     ) -> RunPlan:
-        """Render prompts with ``builder`` (the baseline, at freeze time)."""
+        """Render prompts with ``builder`` (the baseline, at freeze time); ``schemas`` are the
+        items' answer schemas (:func:`kit.structured.plan_schemas`)."""
         prompts = {it.id: builder.render(it) for it in items}
         conts = {it.id: c for it in items if (c := builder.continuations(it))}
         return cls.from_prompts(
@@ -103,6 +108,7 @@ class RunPlan:
             runtime=runtime,
             sampling=sampling,
             repeats=repeats,
+            schemas=schemas,
         )
 
     @classmethod
@@ -116,11 +122,26 @@ class RunPlan:
         runtime: Runtime,
         sampling: SamplingConfig,
         repeats: int,
+        schemas: dict[str, dict] | None = None,
+        structured_output: bool = True,
     ) -> RunPlan:
-        """Use already rendered prompts (candidates reuse the frozen ones exactly)."""
+        """Use already rendered prompts (candidates reuse the frozen ones exactly).
+
+        ``structured_output=False`` runs the model unconstrained although ``schemas`` are
+        recorded (a model spec's ``structured_output: false``)."""
         count = prompt_counter(runtime)
         tokens = {i: count(p) for i, p in prompts.items()}
-        return cls(model_name, items, prompts, continuations, tokens, sampling, repeats)
+        return cls(
+            model_name,
+            items,
+            prompts,
+            continuations,
+            tokens,
+            sampling,
+            repeats,
+            schemas=dict(schemas or {}),
+            structured_output=structured_output,
+        )
 
     def keys(self) -> list[tuple[str, int]]:
         """(item, repeat) keys, longest prompts first within each repeat."""
@@ -272,13 +293,19 @@ def _error_rows(plan: RunPlan, chunk: list[tuple[str, int]], exc: BaseException)
 
 def _run_chunk(runtime: Runtime, plan: RunPlan, chunk: list[tuple[str, int]]) -> pd.DataFrame:
     seeds = {r: repeat_seed(plan.sampling.seed, r) for _, r in chunk}
-    gen_requests = [GenerationRequest(i, plan.prompts[i], seeds[r]) for i, r in chunk]
+    schemas = plan.schemas if plan.structured_output else {}
+    gen_requests = [
+        GenerationRequest(i, plan.prompts[i], seeds[r], json_schema=schemas.get(i))
+        for i, r in chunk
+    ]
     # one generate call per repeat so a batch never mixes seeds
     generations: dict[tuple[str, int], Generation] = {}
+    # ... and never mixes token limits (a task's max_new_tokens)
     for r in sorted(seeds):
         reqs = [g for g, (_, rr) in zip(gen_requests, chunk, strict=True) if rr == r]
-        for g in runtime.generate(reqs, sampling=plan.sampling):
-            generations[(g.item_id, r)] = g
+        for sampling, group in _by_sampling(plan, reqs):
+            for g in runtime.generate(group, sampling=sampling):
+                generations[(g.item_id, r)] = g
     scores: dict[str, ChoiceScores] = {}
     choice_ids = sorted({i for i, _ in chunk if i in plan.continuations})
     if (
@@ -309,6 +336,21 @@ def output_row(
     """One stored output row (:data:`OUTPUT_COLUMNS`) from a generation and its choice scores
     (the live router builds its signals from the same rows stage 2 stores)."""
     return _row(model, g, s, repeat, seed, created)
+
+
+def _by_sampling(
+    plan: RunPlan, requests: list[GenerationRequest]
+) -> list[tuple[SamplingConfig, list[GenerationRequest]]]:
+    """Requests grouped by their sampling: the study's, with a task's ``max_new_tokens``."""
+    tasks = {it.id: it.task for it in plan.items}
+    groups: dict[int, list[GenerationRequest]] = {}
+    for req in requests:
+        limit = plan.max_new_tokens.get(tasks[req.item_id], plan.sampling.max_new_tokens)
+        groups.setdefault(limit, []).append(req)
+    return [
+        (plan.sampling.model_copy(update={"max_new_tokens": limit}), group)
+        for limit, group in groups.items()
+    ]
 
 
 def _row(

@@ -311,9 +311,12 @@ class Run:
         return frame[keep].reset_index(drop=True)
 
     @functools.cached_property
-    def _prompts(self) -> tuple[dict[str, Prompt], dict[str, tuple[str, ...]]]:
+    def _prompts(
+        self,
+    ) -> tuple[dict[str, Prompt], dict[str, tuple[str, ...]], dict[str, dict[str, Any]]]:
         prompts: dict[str, Prompt] = {}
         conts: dict[str, tuple[str, ...]] = {}
+        schemas: dict[str, dict[str, Any]] = {}
         with open(self.frozen_dir / "prompts.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 rec = json.loads(line)
@@ -321,7 +324,9 @@ class Run:
                 prompts[rec["id"]] = Prompt(messages=msgs, text=rec["text"])
                 if rec.get("continuations"):
                     conts[rec["id"]] = tuple(rec["continuations"])
-        return prompts, conts
+                if rec.get("json_schema"):
+                    schemas[rec["id"]] = rec["json_schema"]
+        return prompts, conts, schemas
 
     @property
     def prompts(self) -> dict[str, Prompt]:
@@ -332,6 +337,12 @@ class Run:
     def continuations(self) -> dict[str, tuple[str, ...]]:
         """Item id -> the option texts scored by logprob (choice items)."""
         return self._prompts[1]
+
+    @property
+    def schemas(self) -> dict[str, dict[str, Any]]:
+        """Item id -> the JSON schema decoding is constrained to (``structured_output:
+        json_schema`` tasks; empty when the study asks for none)."""
+        return self._prompts[2]
 
     @functools.cache  # noqa: B019  (one Run per folder; the frame is the folder's own)
     def slices(self) -> pd.DataFrame:

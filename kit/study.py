@@ -264,12 +264,67 @@ class DistributionsConfig(_Strict):
     )
 
 
+class TaskConfig(_Strict):
+    """How one task is answered: ``tasks: {<task>: {...}}`` in a study.
+
+    ``structured_output: json_schema`` (extraction, tool calls) constrains decoding to the
+    answer's JSON schema (:mod:`kit.structured`), as production JSON paths do: llama.cpp's
+    JSON-schema grammar, ``response_format`` on OpenAI-compatible servers, the llguidance
+    logits processor in transformers. ``answer: choice`` (classification, multiple choice)
+    makes the option with the highest summed logprob the model's answer (its ``correct``,
+    recall and flips), as a deployed classifier that picks among the labels does;
+    ``generated`` reads the answer from the generated text.
+    """
+
+    structured_output: Literal["none", "json_schema"] = Field(
+        default="none", description="json_schema: constrained decoding to the answer's schema"
+    )
+    answer: Literal["generated", "choice"] = Field(
+        default="generated",
+        description="choice: the highest-logprob option is the answer (choice tasks only)",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=32768,
+        description="this task's token limit (default: sampling.max_new_tokens), e.g. a "
+        "router that answers with a label name",
+    )
+
+
+#: Tasks ``tasks:`` may configure, and what each setting applies to.
+_SCHEMA_TASKS = ("extraction", "tool_call")
+_CHOICE_TASKS = ("classification", "multiple_choice")
+_TASKS = ("classification", "multiple_choice", "extraction", "refusal", "tool_call", "generation")
+
+
 class RecipeSpec(_Strict):
     """A compression recipe applied to a base model to make a candidate."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
 
+
+#: What a candidate is (``kind:`` on a model spec): kind -> (memo label, what it means).
+#: Declared once; the memo and the candidate summary read it.
+CANDIDATE_KINDS: dict[str, tuple[str, str]] = {
+    "compressed": (
+        "compressed",
+        "a compression of the baseline's weights (quantized, pruned): the change is the loss",
+    ),
+    "runtime_change": (
+        "runtime change (noise floor)",
+        "the same weights in another runtime or file format; its change measures runtime "
+        "numerics, not compression, and bounds what any candidate's change can be read against",
+    ),
+    "distilled": (
+        "distilled",
+        "another model (its own tokenizer and chat template) trained to replace the baseline; "
+        "token-level comparisons are not comparable",
+    ),
+    "other": ("other", "a different model or setup"),
+}
+CandidateKind = Literal["compressed", "runtime_change", "distilled", "other"]
 
 #: How each runtime is served when ``serving.deploy`` is not given.
 DEFAULT_DEPLOY = {"llamacpp": "llamacpp_server", "openai": "openai", "transformers": "transformers"}
@@ -432,6 +487,16 @@ class ModelSpec(_Strict):
     score_choices: bool = Field(
         default=True, description="score classification/multiple-choice options by logprob"
     )
+    structured_output: bool = Field(
+        default=True,
+        description="false: this model decodes freely even where the study asks for "
+        "structured_output (to measure parse failures without it)",
+    )
+    kind: CandidateKind = Field(
+        default="compressed",
+        description="what the candidate is (kit.study.CANDIDATE_KINDS): compressed weights, "
+        "a runtime change (the noise floor, not a compression), distilled, or other",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="runtime-specific settings")
     serving: ServingDeploy | None = Field(
         default=None, description="how stage 5 deploys the model (absent: not served)"
@@ -473,8 +538,11 @@ class ModelSpec(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything in the spec that can change outputs (name, serving and cost
-        excluded: how a model is served later does not change the outputs it gave)."""
-        payload = self.model_dump(mode="json", exclude={"name", "options", "serving", "cost"})
+        excluded: how a model is served later does not change the outputs it gave; nor does
+        its ``kind``)."""
+        payload = self.model_dump(
+            mode="json", exclude={"name", "options", "serving", "cost", "kind"}
+        )
         payload["options"] = {k: v for k, v in self.options.items() if k != "progress"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -578,6 +646,9 @@ class Study(_Strict):
     repeats: int = Field(default=1, ge=1, le=100)
     baseline: ModelSpec
     candidates: list[ModelSpec] = Field(default_factory=list)
+    tasks: dict[str, TaskConfig] = Field(
+        default_factory=dict, description="per task: structured_output, answer"
+    )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     perturbations: PerturbationsConfig | None = Field(
         default=None, description="derived items frozen with the baseline (kit.perturb)"
@@ -624,6 +695,41 @@ class Study(_Strict):
                 f"routing names model(s) {unknown} that are not in this study: {names}"
             )
         return self
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_settings(cls, v: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        for task, cfg in v.items():
+            if task not in _TASKS:
+                raise ValueError(f"unknown task {task!r}; one of {list(_TASKS)}")
+            if cfg.structured_output != "none" and task not in _SCHEMA_TASKS:
+                raise ValueError(
+                    f"{task}.structured_output applies to {list(_SCHEMA_TASKS)} (JSON answers)"
+                )
+            if cfg.answer != "generated" and task not in _CHOICE_TASKS:
+                raise ValueError(f"{task}.answer: choice applies to {list(_CHOICE_TASKS)}")
+        return v
+
+    def task(self, name: str) -> TaskConfig:
+        """The settings of task ``name`` (defaults when the study does not name it)."""
+        return self.tasks.get(name, TaskConfig())
+
+    @property
+    def structured_tasks(self) -> dict[str, str]:
+        """Task -> structured_output mode, for the tasks that ask for one."""
+        return {
+            t: c.structured_output for t, c in self.tasks.items() if c.structured_output != "none"
+        }
+
+    @property
+    def task_token_limits(self) -> dict[str, int]:
+        """Task -> its own ``max_new_tokens``, for the tasks that set one."""
+        return {t: c.max_new_tokens for t, c in self.tasks.items() if c.max_new_tokens}
+
+    @property
+    def choice_answer_tasks(self) -> tuple[str, ...]:
+        """Tasks answered by the highest-logprob option (``answer: choice``)."""
+        return tuple(sorted(t for t, c in self.tasks.items() if c.answer == "choice"))
 
     @property
     def root(self) -> Path:

@@ -12,7 +12,7 @@ from kit.budget.frozen import budget_status, compare_budgets, load_frozen_budget
 from kit.budget.grammar import AbsoluteBound
 from kit.errors import CompkitError
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "budget.yaml"
+DEMO = Path(__file__).resolve().parents[1] / "data" / "support" / "budget.yaml"
 
 
 def test_compare_budgets_reports_an_edit_with_a_diff(tmp_path):

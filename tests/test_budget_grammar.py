@@ -14,7 +14,7 @@ from kit.budget.grammar import AbsoluteBound, ChangeBound, SliceRef, load_budget
 from kit.errors import CompkitError
 from kit.metrics import METRICS
 
-DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "budget.yaml"
+DEMO = Path(__file__).resolve().parents[1] / "data" / "support" / "budget.yaml"
 Z = 1.959963984540054
 
 
@@ -527,3 +527,13 @@ def test_under_is_still_a_comparator_without_a_perturbation_name():
     # a study without a suite: "under typos" is no slice it knows
     with pytest.raises(CompkitError):
         parse_rule("accuracy under typos may drop at most 3 points", slices={"task": ("x",)})
+
+
+def test_the_booking_demo_budget_parses_as_written():
+    demo = DEMO.parents[1] / "demo" / "budget.yaml"
+    budget = load_budget(demo)
+    assert [(r.metric, r.slice) for r in budget][:2] == [
+        ("accuracy", None),
+        ("recall", SliceRef("label_rarity", "rare")),
+    ]
+    assert all(r.why and r.text in demo.read_text() for r in budget)

@@ -25,7 +25,7 @@ from kit.run import Run
 from kit.study import PerturbationsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo"
+DEMO = ROOT / "data" / "support"
 #: Stages this test runs; the others (serving, routing) are checked by name only.
 RUN_HERE = ("scoring", "comparison", "calibration", "robustness")
 SUITE = ["typos", "injection"]

@@ -279,12 +279,16 @@ def item_flips(
     collapsed = _collapse_with_pred(
         outcomes[outcomes["model"].isin([baseline, *models])], column, repeats
     )
-    base = collapsed.xs(baseline, level="model")
+    present = set(collapsed.index.get_level_values("model"))
+    empty = collapsed.droplevel("model").iloc[:0]
+    base = collapsed.xs(baseline, level="model") if baseline in present else empty
     carry = [c for c in dict.fromkeys(["task", *_as_list(by)]) if c in outcomes.columns]
     item_cols = _item_columns(outcomes, baseline=baseline, columns=carry)
     frames = []
     for model in models:
-        cand = collapsed.xs(model, level="model")
+        # a model with no item measured on this metric (e.g. no parsable JSON, so no
+        # hallucinated-field outcome) has no pair: its flips are absent, not an error
+        cand = collapsed.xs(model, level="model") if model in present else empty
         pair = base.add_suffix("_b").join(cand.add_suffix("_c"), how="inner")
         frames.append(
             _classify_flips(pair, good=1.0 if info.higher_is_better else 0.0).assign(model=model)

@@ -42,6 +42,7 @@ from kit.metrics import format_interval, format_value
 from kit.resources import templates_dir
 from kit.run import Run
 from kit.stats.intervals import METHODS
+from kit.study import CANDIDATE_KINDS
 from kit.verdicts import VerdictReport
 
 MEMO_FILE = "memo.html"
@@ -500,6 +501,8 @@ def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "candidate": r["candidate"],
+                "kind": CANDIDATE_KINDS[r["kind"]][0],
+                "kind_note": CANDIDATE_KINDS[r["kind"]][1],
                 "runtime": _text(r["runtime"]),
                 "recipe": _text(r["recipe"]) or "–",
                 "parameters": _count(r["parameters"]),
@@ -509,6 +512,14 @@ def _candidate_facts(run_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _candidate_kinds(run: Run) -> dict[str, str]:
+    """Candidate -> its ``kind`` in the frozen study (``compressed`` by default)."""
+    try:
+        return {c.name: c.kind for c in run.study.candidates}
+    except CompkitError:
+        return {}
 
 
 def _failing(run: Run, candidates: list[str], k: int) -> dict[str, list[dict[str, Any]]]:
@@ -640,6 +651,65 @@ def _artifact_rows(rates: pd.DataFrame | None) -> list[dict[str, str]]:
     ]
 
 
+def _runtime_floor_rows(run: Run) -> list[dict[str, str]]:
+    """Runtime-change candidates (same weights, another runtime) against the baseline: the
+    runtime noise floor a compressed candidate's change is read against."""
+    kinds = _candidate_kinds(run)
+    floor = [c for c, k in kinds.items() if k == "runtime_change"]
+    deltas, flips = _read(run.root, "overall_deltas"), _read(run.root, "flip_evidence")
+    if not floor or deltas is None:
+        return []
+    rows = []
+    for name in floor:
+        acc = deltas[(deltas["model"] == name) & (deltas["metric"] == "accuracy")]
+        if acc.empty:
+            continue
+        r = acc.iloc[0]
+        flip = None
+        if flips is not None:
+            f = flips[(flips["model"] == name) & (flips["slice"] == "overall")]
+            flip = f["value"].iloc[0] if not f.empty else None
+        rows.append(
+            {
+                "comparison": f"{name} ({CANDIDATE_KINDS['runtime_change'][0]}) vs baseline",
+                "delta": format_number(r["delta"], unit="share", quantity="change"),
+                "ci": format_ci(r["ci_low"], r["ci_high"], unit="share", quantity="change"),
+                "flip_rate": format_number(flip, unit="share"),
+                "n": _count(r["n"]),
+            }
+        )
+    return rows
+
+
+def structured_output_rows(run: Run) -> list[dict[str, str]]:
+    """JSON parse failures per model with the study's structured output on or off.
+
+    One row per model that answered a JSON task: whether its decoding was constrained
+    (the study's ``tasks.<task>.structured_output`` and the model's ``structured_output``)
+    and its parse-failure share; empty when no model answered a JSON task.
+    """
+    outcomes = run.outcomes() if (run.root / "outcomes.parquet").exists() else None
+    if outcomes is None or "json_parse_failure" not in outcomes.columns:
+        return []
+    study = run.study
+    asked = sorted(study.structured_tasks)
+    specs = {m.name: m for m in study.models}
+    part = outcomes.dropna(subset=["json_parse_failure"])
+    rows = []
+    for (model, task), g in part.groupby(["model", "task"], sort=False):
+        on = task in asked and (model not in specs or specs[model].structured_output)
+        rows.append(
+            {
+                "model": str(model),
+                "task": str(task),
+                "structured": "json_schema" if on else "free decoding",
+                "failures": format_number(g["json_parse_failure"].mean(), unit="share"),
+                "n": _count(len(g)),
+            }
+        )
+    return rows
+
+
 def _undecided(report: VerdictReport) -> list[dict[str, str]]:
     return [
         {
@@ -676,7 +746,16 @@ def memo_context(
     run_dir = run.root
     report = report if report is not None else VerdictReport.load(run_dir)
     manifest = run.manifest
-    decisions = [{**d.model_dump(), "words": DECISION_WORDS[d.decision]} for d in report.decisions]
+    kinds = _candidate_kinds(run)
+    decisions = [
+        {
+            **d.model_dump(),
+            "words": DECISION_WORDS[d.decision],
+            "kind": CANDIDATE_KINDS[kinds.get(d.candidate, "compressed")][0],
+            "kind_note": CANDIDATE_KINDS[kinds.get(d.candidate, "compressed")][1],
+        }
+        for d in report.decisions
+    ]
     kit = kit_info()
     return {
         "title": f"Decision memo · {report.study}",
@@ -699,6 +778,8 @@ def memo_context(
         "noise": _noise_rows(run_dir),
         "robustness": _robustness(run_dir),
         "routing": _routing_rows(run_dir, report),
+        "runtime_floor": _runtime_floor_rows(run),
+        "structured": structured_output_rows(run),
         "repeats": manifest.inputs.repeats,
         "undecided": _undecided(report),
         "evidence": [e.model_dump() for e in report.evidence],

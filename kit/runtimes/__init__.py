@@ -93,6 +93,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
             "stream": bool,
             "neutral_sampling": bool,
             "extra_body": dict,
+            "response_format": str,
             **_COMMON,
         },
     ),

@@ -13,7 +13,7 @@ a request failed (the item is kept, not dropped).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,9 +46,13 @@ class Prompt:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One generation. ``json_schema``: decoding is constrained to answers that follow it
+    (``structured_output: json_schema``; :mod:`kit.structured`)."""
+
     item_id: str
     prompt: Prompt
     seed: int
+    json_schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,9 @@ class TransformersRuntime(Runtime):
             device=self.device,
         )
         processors = LogitsProcessorList([raw, *_warpers(sampling), tap])
+        grammar = self._grammar_processor(batch, prompt_len=input_ids.shape[1])
+        if grammar is not None:
+            processors.append(grammar)  # after the tap: logprobs stay the model's own
         if not sampling.greedy:
             torch.manual_seed(batch[0].request.seed)
         with torch.inference_mode():
@@ -277,6 +280,17 @@ class TransformersRuntime(Runtime):
             token_ids=[int(t) for t in generated[:n]],
             nonfinite_logits=int(sum(nonfinite[row][:n])) if nonfinite else 0,
         )
+
+    def _grammar_processor(self, batch: list[_Encoded], *, prompt_len: int) -> Any:
+        """llguidance's processor when a row of ``batch`` has a JSON schema, else ``None``."""
+        schemas = [e.request.json_schema for e in batch]
+        if all(s is None for s in schemas):
+            return None
+        from kit.runtimes.hf_grammar import GrammarProcessor, llg_tokenizer
+
+        if getattr(self, "_llg", None) is None:
+            self._llg = llg_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        return GrammarProcessor(self._llg, schemas, prompt_len=prompt_len)
 
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
         settings: dict[str, Any] = {

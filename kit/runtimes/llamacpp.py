@@ -81,6 +81,7 @@ from kit.runtimes.base import (
     position_scores,
 )
 from kit.store import file_sha256 as store_sha256
+from kit.structured import gbnf_for
 from kit.study import ModelSpec, SamplingConfig
 
 #: ``spec.options`` keys this runtime reads, with the type each must have.
@@ -220,7 +221,8 @@ class LlamaCppRuntime(Runtime):
         finish = "length"
         llm.reset()
         llm.eval(ids)
-        with _sampler(sampling, request.seed) as chain:
+        grammar = self._grammar(request.json_schema)
+        with _sampler(sampling, request.seed, grammar=grammar) as chain:
             while len(tokens) < limit:
                 logits = self._last_logits()
                 nonfinite += int(not np.isfinite(logits).all())
@@ -251,6 +253,18 @@ class LlamaCppRuntime(Runtime):
             token_ids=tokens,
             nonfinite_logits=nonfinite,
         )
+
+    def _grammar(self, schema: Any) -> Any:
+        """A llama.cpp grammar sampler for ``schema`` (its JSON-schema GBNF), or ``None``."""
+        if schema is None:
+            return None
+        gbnf = gbnf_for(schema)
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), b"root")
+        if not sampler:
+            raise CompkitError(
+                f"model {self.spec.name!r}: llama.cpp refused the grammar of a JSON schema"
+            )
+        return sampler
 
     def _last_logits(self) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self._model().ctx, -1)
@@ -513,10 +527,15 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def _sampler(sampling: SamplingConfig, seed: int) -> Iterator[Any]:
-    """llama.cpp sampler chain: greedy, or temperature -> top-p -> seeded draw."""
+def _sampler(sampling: SamplingConfig, seed: int, *, grammar: Any = None) -> Iterator[Any]:
+    """llama.cpp sampler chain: [grammar ->] greedy, or temperature -> top-p -> seeded draw.
+
+    A ``grammar`` sampler (JSON-schema GBNF) masks tokens the grammar forbids first; the chain
+    owns it and frees it with the chain."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     try:
+        if grammar is not None:
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
         if sampling.greedy:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:

@@ -145,6 +145,9 @@ class EndpointOptions:
     stream: bool = True
     neutral_sampling: bool = True
     extra_body: dict[str, Any] = field(default_factory=dict)
+    #: how a JSON schema is sent: OpenAI's ``json_schema`` (vLLM, TGI, OpenAI) or
+    #: ``json_object`` with ``schema`` (llama-cpp-python's server, which knows only that)
+    response_format: str = "json_schema"
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> EndpointOptions:
@@ -169,6 +172,11 @@ class EndpointOptions:
             connect_timeout_s=float(opts.pop("connect_timeout_s", min(10.0, timeout))),
             **opts,
         )
+        if built.response_format not in RESPONSE_FORMATS:
+            raise CompkitError(
+                f"{where}.response_format: one of {list(RESPONSE_FORMATS)}, "
+                f"got {built.response_format!r}"
+            )
         for key in ("concurrency", "timeout_s", "connect_timeout_s"):
             if getattr(built, key) <= 0:
                 raise CompkitError(f"{where}.{key}: must be > 0, got {getattr(built, key)}")
@@ -685,6 +693,10 @@ class OpenAIRuntime(Runtime):
             payload.update({"logprobs": True, "top_logprobs": 1} if chat else {"logprobs": 1})
         if self.options.stream:
             payload.update(stream=True, stream_options={"include_usage": True})
+        if req.json_schema is not None:
+            payload["response_format"] = response_format(
+                req.json_schema, style=self.options.response_format
+            )
         payload.update(self._extra_body)
         return payload
 
@@ -954,6 +966,26 @@ class _Exhausted(Exception):
         super().__init__(str(failure))
         self.failure = failure
         self.attempts = attempts
+
+
+#: ``options.response_format`` values: how a JSON schema goes into the request.
+RESPONSE_FORMATS = ("json_schema", "json_object")
+
+
+def response_format(schema: Any, *, style: str = "json_schema") -> dict[str, Any]:
+    """The ``response_format`` body that constrains a reply to ``schema``.
+
+    Examples
+    --------
+    >>> response_format({"type": "object"}, style="json_object")
+    {'type': 'json_object', 'schema': {'type': 'object'}}
+    """
+    if style == "json_object":
+        return {"type": "json_object", "schema": dict(schema)}
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": dict(schema), "strict": True},
+    }
 
 
 def endpoint_urls(endpoint: str) -> tuple[str, str]:

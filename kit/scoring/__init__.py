@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from kit.errors import CompkitError
-from kit.evalset import EvalItem, EvalSet
+from kit.evalset import EvalItem, EvalSet, label_set
 from kit.metrics import METRICS, MetricSpec, item_metrics
 from kit.scoring import tasks
 from kit.scoring.artifacts import artifact_flags
@@ -61,6 +61,7 @@ def score_outputs(
     *,
     continuations: Mapping[str, Sequence[str]] | None = None,
     sources: Sequence[ScoreSource] = (),
+    choice_answer: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One outcome row per (model, item, repeat): ``model, item_id, repeat, task, correct, ...``.
 
@@ -76,6 +77,11 @@ def score_outputs(
         (lm-evaluation-harness ``acc_norm``) next to ``choice_correct`` (``acc``).
     sources
         :class:`ScoreSource` objects whose column is merged in (see :func:`add_scores`).
+    choice_answer
+        Tasks answered by the highest-logprob option (a study's ``answer: choice``): their
+        ``correct`` and ``pred`` come from the choice scores (``generated_correct`` keeps the
+        generated text's result). A row of such a task without choice scores keeps the
+        generated answer and counts in ``choice_missing``.
     """
     items = eval_set.by_id()
     unknown = sorted(set(outputs["item_id"]) - set(items))
@@ -92,6 +98,8 @@ def score_outputs(
         )
         rec["continuations"] = conts.get(item.id)
         scored = {"correct": 0.0} if failed else SCORERS[item.task](item, rec, eval_set)
+        if item.task in choice_answer and not failed:
+            scored = _answer_by_choice(item, scored, rec, eval_set)
         rows.append(
             {
                 "model": rec["model"],
@@ -112,6 +120,19 @@ def score_outputs(
     for source in sources:
         frame = add_scores(frame, source.score(eval_set, outputs), column=source.info.name)
     return frame
+
+
+def _answer_by_choice(
+    item: EvalItem, scored: dict[str, Any], row: dict[str, Any], eval_set: EvalSet
+) -> dict[str, Any]:
+    out = {**scored, "generated_correct": scored.get("correct")}
+    if "choice_correct" not in scored:
+        out["choice_missing"] = 1.0
+        return out
+    idx = int(row["choice_pred"])
+    out["correct"] = scored["choice_correct"]
+    out["pred"] = label_set(eval_set, item)[idx] if item.task == "classification" else str(idx)
+    return out
 
 
 def add_scores(outcomes: pd.DataFrame, scores: pd.DataFrame, *, column: str) -> pd.DataFrame:

@@ -91,7 +91,8 @@ def score_extraction(item: EvalItem, row: dict[str, Any], eval_set: EvalSet) -> 
     if not ok or not isinstance(parsed, dict):
         parsed = {}
         ok = False
-    hits = [values_equal(v, parsed.get(k)) for k, v in item.fields.items()]
+    # an unparsable reply extracts nothing: no field counts as right, not even a null one
+    hits = [ok and values_equal(v, parsed.get(k)) for k, v in item.fields.items()]
     nulls = [k for k, v in item.fields.items() if v is None]
     present = [k for k, v in item.fields.items() if v is not None]
     out: dict[str, Any] = {

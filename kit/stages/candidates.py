@@ -319,7 +319,10 @@ def _run_here(spec: ModelSpec, study: Study, frozen: Run, store: OutputStore, *,
             runtime=runtime,
             sampling=frozen.sampling,
             repeats=frozen.manifest.inputs.repeats,
+            schemas=frozen.schemas,
+            structured_output=spec.structured_output,
         )
+        plan.max_new_tokens = frozen.study.task_token_limits
         rows = run_model(runtime, plan, store, score_choices=spec.score_choices, progress=progress)
         forced = candidate_distributions(
             runtime,
@@ -400,6 +403,7 @@ def candidate_summary(run_dir: str | Path) -> pd.DataFrame:
         rows.append(
             {
                 "candidate": cm.name,
+                "kind": cm.spec.get("kind", "compressed"),
                 "runtime": cm.spec["runtime"],
                 "recipe": (cm.recipe or {}).get("name"),
                 "parameters": cm.footprint.get("parameters"),

@@ -72,6 +72,7 @@ from kit.run import (
 from kit.runtimes import check_study_runtimes, open_runtime, runtime_class
 from kit.runtimes.base import Prompt, Runtime
 from kit.store import OutputStore, atomic_write_json, atomic_write_text, file_sha256, now_iso
+from kit.structured import plan_schemas
 from kit.study import Study, load_study
 from kit.teacher_forcing import baseline_distributions
 
@@ -253,7 +254,7 @@ def freeze_baseline(
     finally:
         if own_runtime:
             runtime.close()
-    scores = _score_baseline(out, eval_set, done)
+    scores = _score_baseline(out, eval_set, done, choice_answer=study.choice_answer_tasks)
     outputs = done.outputs
     wall = time.perf_counter() - started
     manifest = BaselineManifest(
@@ -320,6 +321,7 @@ def _run_baseline(
             update={"perturbed_sha256": perturbed.sha256, "perturbed_rows": len(perturbed)}
         )
     items = [*eval_set.items, *(perturbed.items.items if perturbed is not None else [])]
+    everything = EvalSet(source=eval_set.source, items=items, slice_columns=[])
     plan = RunPlan.build(
         model_name=study.baseline.name,
         items=items,
@@ -327,7 +329,10 @@ def _run_baseline(
         runtime=runtime,
         sampling=study.sampling,
         repeats=study.repeats,
+        schemas=plan_schemas(everything, study.structured_tasks),
     )
+    plan.structured_output = study.baseline.structured_output
+    plan.max_new_tokens = study.task_token_limits
     _write_frozen_copies(out, study, eval_set, builder, inputs, plan)
     if perturbed is not None:
         _write_perturbed(out, study, eval_set, perturbed, plan)
@@ -349,7 +354,9 @@ def _run_baseline(
     return _BaselineRun(inputs, identity, items, plan, perturbed, store, outputs, forced)
 
 
-def _score_baseline(out: Path, eval_set: EvalSet, done: _BaselineRun) -> pd.DataFrame:
+def _score_baseline(
+    out: Path, eval_set: EvalSet, done: _BaselineRun, *, choice_answer: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """Score the baseline's outputs (perturbed items too, so that their references are
     checked), write the clean items' outcomes and scores, return the scores."""
     scored_set = (
@@ -358,7 +365,10 @@ def _score_baseline(out: Path, eval_set: EvalSet, done: _BaselineRun) -> pd.Data
         else EvalSet(str(out), done.items, slice_columns=eval_set.slice_columns)
     )
     outcomes = scoring.score_outputs(
-        scored_set, done.outputs, continuations=done.plan.continuations
+        scored_set,
+        done.outputs,
+        continuations=done.plan.continuations,
+        choice_answer=choice_answer,
     )
     outcomes = outcomes[outcomes["item_id"].isin(eval_set.item_hashes)]
     scores = scoring.overall(outcomes)
@@ -446,6 +456,7 @@ def _write_frozen_copies(
                         "messages": p.messages,
                         "text": p.text,
                         "continuations": plan.continuations.get(item_id),
+                        "json_schema": plan.schemas.get(item_id),
                     },
                     ensure_ascii=False,
                 )
