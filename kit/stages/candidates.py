@@ -375,7 +375,11 @@ def score_run(run: Run, *, sources=()) -> pd.DataFrame:
     if outputs.empty:
         raise CompkitError(f"{run.root}: no stored outputs (run stages 1 and 2 first)")
     return scoring.score_outputs(
-        run.scoring_set, outputs, continuations=run.continuations, sources=sources
+        run.scoring_set,
+        outputs,
+        continuations=run.continuations,
+        sources=sources,
+        choice_answer=run.study.choice_answer_tasks,
     )
 
 
