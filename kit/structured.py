@@ -129,8 +129,3 @@ def gbnf_for(schema: Mapping[str, Any]) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     return json_schema_to_gbnf(json.dumps(schema))
-
-
-def schema_fingerprint(schema: Mapping[str, Any] | None) -> str | None:
-    """A stable text form of a schema (stored with the frozen prompts)."""
-    return None if schema is None else json.dumps(schema, sort_keys=True)
