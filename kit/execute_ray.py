@@ -405,12 +405,13 @@ def run_model_on_ray(
                     inputs.model_name, total=total, initial=total - left, enabled=progress
                 ) as bar:
                     _run_batches(ray, sched, store, inputs, execution, bar)
+                _await_saver(ray, sched, store, inputs, execution)
             finally:
                 _stop(ray, replicas)
     finally:
         (store.root / PROBE_FILE).unlink(missing_ok=True)
     rows = finish_store(store, model=inputs.model_name, repeats=inputs.repeats)
-    first = next(r.info for r in replicas if r.info is not None)
+    first = next(r.info for r in replicas if r.info is not None)  # replica 0's, when it loaded
     return RayRunResult(rows, first["identity"], first["footprint"], _record(execution, replicas))
 
 
@@ -477,6 +478,24 @@ def _run_batches(ray, sched: _Schedule, store: OutputStore, inputs: PlanInputs, 
             _await_replica(ray, sched, store, inputs, execution)
         bar.update(_step(ray, sched, store, inputs))
         sched.feed()
+
+
+def _await_saver(ray, sched: _Schedule, store: OutputStore, inputs: PlanInputs, execution):
+    """After the last batch, wait (within ``execution.start_timeout_s``) for replica 0 to finish
+    loading: it alone saves the recipe's model files and its footprint (with their size on
+    disk) is the run's record, so a replica 0 that started late (saving takes time; the other
+    replicas may have run every batch meanwhile) must not be killed mid-save or left out."""
+    saver = sched.replicas[0]
+    deadline = time.monotonic() + execution.start_timeout_s
+    while saver.alive and saver.info is None and time.monotonic() < deadline:
+        _step(ray, sched, store, inputs)
+    if saver.alive and saver.info is None:
+        print(
+            f"{inputs.model_name}: replica 0 did not load within {execution.start_timeout_s:g}s "
+            "(execution.start_timeout_s); its model files are not saved and the footprint "
+            "has no size on disk",
+            flush=True,
+        )
 
 
 def _step(ray, sched: _Schedule, store: OutputStore, inputs: PlanInputs) -> int:
