@@ -21,7 +21,9 @@ Failures:
 * a killed driver takes its actors with it; what was stored stays. Rerunning runs only the
   missing keys (each batch skips keys stored meanwhile), so nothing is lost or duplicated.
 
-Only the driver marks the store complete, after every batch is stored.
+Only the driver marks the store complete, after every batch is stored and replica 0 (which
+alone saves a recipe's model files, so it often loads last) has loaded: a replica that loads
+late may run no batch at all, but is never killed mid-save.
 
 A local Ray started here binds 127.0.0.1 only. On a multi-node cluster the run folder must be
 on a shared filesystem mounted at the same path on every node (each replica checks this before
