@@ -201,12 +201,13 @@ def test_sharded_run_gives_the_local_run_s_results(
     cm = CandidateManifest.load(out / "candidates" / "half.json")
     assert cm.execution["engine"] == "ray" and cm.execution["workers"] == 2
     replicas = cm.execution["replicas"]
-    # both replicas loaded and stayed up, and every batch of the local run ran exactly once;
-    # how many each took depends on which one loaded first (a free replica takes the next
-    # batch, so on a busy machine one can run all of them): that the batches are spread over
-    # loaded replicas is checked without Ray's timing in test_free_replicas_share_the_batches
-    assert len(replicas) == 2, replicas
-    assert all(r["node"] and r["error"] is None for r in replicas), replicas
+    # no replica failed, replica 0 (which saves the files) loaded, and every batch of the local
+    # run ran exactly once; how many each replica took depends on which one loaded first (a
+    # free replica takes the next batch, so on a busy machine the first one loaded can run all
+    # six before the other has loaded): that batches are spread over loaded replicas is
+    # checked without Ray's timing in test_free_replicas_share_the_batches
+    assert len(replicas) == 2 and not any(r["error"] for r in replicas), replicas
+    assert replicas[0]["node"] is not None, replicas
     assert sum(r["batches"] for r in replicas) == math.ceil(len(ITEMS) * repeats / 3), replicas
     assert cm.footprint == local_manifest.footprint  # replica 0 saved the bf16 folder
     assert (out / "models" / "half" / "config.json").is_file()
