@@ -55,7 +55,7 @@ PERCENT = {"mean_delta_p", "rms_delta_p", "same_top"}
 
 
 def corpus() -> str:
-    rows = [json.loads(line) for line in (ROOT / "data/demo/support_eval.jsonl").open()]
+    rows = [json.loads(line) for line in (ROOT / "data/support/support_eval.jsonl").open()]
     seen, parts = set(), []
     for r in rows:
         for text in (r.get("context"), r.get("input")):

@@ -32,7 +32,7 @@ from kit.models import builtin_gguf_path  # noqa: E402
 from kit.recipes import gguf_requantize  # noqa: E402
 from kit.serving.servers import LlamaCppServer  # noqa: E402
 
-DEMO = ROOT / "data" / "demo"
+SUPPORT = ROOT / "data" / "support"  # the synthetic six-task support set
 #: JSON-answer tasks (no options to score, so each request is one generation) and refusals.
 TASKS = ("extraction", "tool_call", "refusal")
 BUDGET = {
@@ -56,11 +56,11 @@ def _spec(name: str, url: str) -> dict:
 def write_study(folder: Path, *, urls: dict[str, str], n_items: int, max_new_tokens: int) -> Path:
     """A demo-data study: baseline = the large server, candidate = the small server."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in (DEMO / "support_eval.jsonl").open(encoding="utf-8")]
+    rows = [json.loads(line) for line in (SUPPORT / "support_eval.jsonl").open(encoding="utf-8")]
     keep = [r for r in rows if r["task"] in TASKS]
     (folder / "support_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     (folder / "prompts").mkdir(exist_ok=True)
-    template = (DEMO / "prompts" / "support.jinja").read_text(encoding="utf-8")
+    template = (SUPPORT / "prompts" / "support.jinja").read_text(encoding="utf-8")
     (folder / "prompts" / "support.jinja").write_text(template, encoding="utf-8")
     (folder / "budget.yaml").write_text(yaml.safe_dump(BUDGET, sort_keys=False))
     study = {

@@ -7,7 +7,7 @@ the reference fields its task needs, and any number of user slice columns.
 
 Example
 -------
->>> es = load_eval_set("data/demo/support_eval.jsonl")            # doctest: +SKIP
+>>> es = load_eval_set("data/support/support_eval.jsonl")          # doctest: +SKIP
 >>> es.sha256, len(es), es.frame().columns.tolist()[:4]           # doctest: +SKIP
 """
 
