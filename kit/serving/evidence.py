@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from kit.analysis.compare import RESULT_COLUMNS
 from kit.serving.latency import _gaps
 from kit.stats.intervals import paired_difference_ci, paired_ratio_ci, proportion_ci
 from kit.stats.serving_intervals import (
@@ -52,21 +53,7 @@ EVIDENCE_COLUMNS = [
     "value_ci_high",
     "n",
     "method",
-    "baseline_value",
-    "delta",
-    "ci_low",
-    "ci_high",
-    "rel",
-    "rel_ci_low",
-    "rel_ci_high",
-    "p_value",
-    "value_method",
-    "delta_method",
-    "rel_method",
-    "n_base_only",
-    "n_cand_only",
-    "confidence",
-    "note",
+    *RESULT_COLUMNS[RESULT_COLUMNS.index("baseline_value") :],
 ]
 #: How each kind of row bounds its change and relative change against the baseline.
 CHANGE_METHODS = {
