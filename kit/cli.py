@@ -46,10 +46,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     print(summary(eval_set).to_string(index=False))
     shares = label_shares(eval_set)
+    declared = study.eval_set.rare_labels
     if not shares.empty:
-        rare = shares[shares["share"] < study.eval_set.rare_label_threshold]
+        if declared is None:
+            rare = shares[shares["share"] < study.eval_set.rare_label_threshold]
+            head = f"rare labels (< {study.eval_set.rare_label_threshold:.0%})"
+        else:
+            rare = shares[shares["label"].isin(declared)]
+            head = "rare labels (declared rare in production: eval_set.rare_labels)"
         print(
-            f"rare labels (< {study.eval_set.rare_label_threshold:.0%}): "
+            f"{head}: "
             + (", ".join(f"{r.label} ({r.share:.1%})" for r in rare.itertuples()) or "none")
         )
     for name, found in checked.sources.items():

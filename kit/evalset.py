@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -550,6 +550,7 @@ def derive_slices(
     *,
     prompt_tokens: Mapping[str, int],
     rare_label_threshold: float = 0.03,
+    rare_labels: Sequence[str] | None = None,
     length_edges: list[int] | None = None,
 ) -> pd.DataFrame:
     """Item table with user slices plus kit's derived slice columns.
@@ -557,7 +558,14 @@ def derive_slices(
     ``length_bucket`` buckets the rendered prompt's length in tokens (``prompt_tokens``,
     counted with the baseline's tokenizer). ``label_rarity`` is ``rare`` for
     classification items whose label's share among classification items is below
-    ``rare_label_threshold``, ``common`` otherwise, and ``None`` for other tasks.
+    ``rare_label_threshold`` (or, when ``rare_labels`` declares the labels rare in
+    production, whose label is one of them), ``common`` otherwise, and ``None`` for other
+    tasks.
+
+    Raises
+    ------
+    CompkitError
+        When a declared rare label is not a label of any classification item.
     """
     edges = sorted(length_edges or [64, 256, 1024])
     labels = length_bucket_labels(edges)
@@ -572,16 +580,33 @@ def derive_slices(
         frame["prompt_tokens"], bins=[-1, *[e - 1 for e in edges], math.inf], labels=labels
     ).astype(str)
     label_of = {it.id: it.label for it in eval_set.items if it.task == "classification"}
-    counts = Counter(label_of.values())
-    total = sum(counts.values())
     frame["label"] = frame["id"].map(label_of)
+    rare = rare_label_set(label_of, threshold=rare_label_threshold, declared=rare_labels)
     frame["label_rarity"] = [
         None
         if lab is None or (isinstance(lab, float) and math.isnan(lab))
-        else ("rare" if counts[lab] / total < rare_label_threshold else "common")
+        else ("rare" if lab in rare else "common")
         for lab in frame["label"]
     ]
     return frame
+
+
+def rare_label_set(
+    label_of: Mapping[str, str], *, threshold: float, declared: Sequence[str] | None
+) -> set[str]:
+    """The rare labels: ``declared`` (checked against the labels of ``label_of``, item id ->
+    label), else those whose share is below ``threshold``."""
+    counts = Counter(label_of.values())
+    if declared is None:
+        total = sum(counts.values())
+        return {lab for lab, n in counts.items() if n / total < threshold}
+    unknown = sorted(set(declared) - set(counts))
+    if unknown:
+        raise CompkitError(
+            f"eval_set.rare_labels: {unknown} is not the label of any classification item; "
+            f"the labels are {sorted(counts)}"
+        )
+    return set(declared)
 
 
 def label_shares(eval_set: EvalSet) -> pd.DataFrame:

@@ -77,6 +77,9 @@ class PlanInputs:
     continuations: dict[str, tuple[str, ...]]
     sampling: SamplingConfig
     repeats: int
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)  # constrained decoding
+    structured_output: bool = True
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # task -> token limit
 
 
 @dataclass
@@ -278,7 +281,10 @@ class ShardReplica:
             runtime=self.runtime,
             sampling=inputs.sampling,
             repeats=inputs.repeats,
+            schemas=inputs.schemas,
+            structured_output=inputs.structured_output,
         )
+        self.plan.max_new_tokens = dict(inputs.max_new_tokens)
         self.plan.score_choices = score_choices and self.runtime.supports_choice_scoring
         self.runtime.expect_ids([it.id for it in inputs.items], repeats=inputs.repeats)
         self.store = OutputStore(store_root)

@@ -67,12 +67,18 @@ def _json_type(value: Any) -> str:
 
 
 def json_schema_for(
-    item: EvalItem, *, field_types: Mapping[str, Sequence[str]]
+    item: EvalItem,
+    *,
+    field_types: Mapping[str, Sequence[str]],
+    max_string_length: int | None = None,
 ) -> dict[str, Any] | None:
-    """The JSON schema of ``item``'s answer, or ``None`` for tasks without one."""
+    """The JSON schema of ``item``'s answer, or ``None`` for tasks without one.
+
+    ``max_string_length`` gives every string field a ``maxLength`` (written as an ``anyOf``
+    of the field's types and null, the form llama.cpp's GBNF converter bounds too)."""
     if item.task == "extraction":
         names = list(item.fields or {})
-        props = {n: {"type": [*field_types.get(n, ["string"]), "null"]} for n in names}
+        props = {n: _field_schema(field_types.get(n, ["string"]), max_string_length) for n in names}
         return {
             "type": "object",
             "properties": props,
@@ -82,6 +88,15 @@ def json_schema_for(
     if item.task == "tool_call":
         return {"anyOf": [_tool_schema(t, item.id) for t in item.tools or []]}
     return None
+
+
+def _field_schema(types: Sequence[str], max_string_length: int | None) -> dict[str, Any]:
+    if max_string_length is None:
+        return {"type": [*types, "null"]}
+    options = [
+        {"type": t, "maxLength": max_string_length} if t == "string" else {"type": t} for t in types
+    ]
+    return {"anyOf": [*options, {"type": "null"}]}
 
 
 def _tool_schema(tool: Mapping[str, Any], item_id: str) -> dict[str, Any]:
@@ -98,9 +113,13 @@ def _tool_schema(tool: Mapping[str, Any], item_id: str) -> dict[str, Any]:
 
 
 def plan_schemas(
-    eval_set: EvalSet, settings: Mapping[str, StructuredOutput]
+    eval_set: EvalSet,
+    settings: Mapping[str, StructuredOutput],
+    *,
+    string_limits: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Item id -> schema for every item whose task asks for ``json_schema``.
+    """Item id -> schema for every item whose task asks for ``json_schema``
+    (``string_limits``: task -> ``maxLength`` of its string fields).
 
     Raises
     ------
@@ -118,7 +137,11 @@ def plan_schemas(
     out = {}
     for item in eval_set.items:
         if item.task in wanted:
-            schema = json_schema_for(item, field_types=types)
+            schema = json_schema_for(
+                item,
+                field_types=types,
+                max_string_length=(string_limits or {}).get(item.task),
+            )
             if schema is not None:
                 out[item.id] = schema
     return out

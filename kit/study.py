@@ -64,6 +64,12 @@ class EvalSetConfig(_Strict):
         default=None, description="user slice columns; default all extra scalar columns"
     )
     rare_label_threshold: float = Field(default=0.03, gt=0, lt=1)
+    rare_labels: list[str] | None = Field(
+        default=None,
+        description="labels that are rare in production traffic (an eval set may oversample "
+        "them so their recall can be measured); when given, exactly these are label_rarity "
+        "'rare' and rare_label_threshold is not used",
+    )
     length_buckets: list[int] = Field(
         default_factory=lambda: [64, 256, 1024], description="prompt-token bucket edges"
     )
@@ -289,6 +295,14 @@ class TaskConfig(_Strict):
         le=32768,
         description="this task's token limit (default: sampling.max_new_tokens), e.g. a "
         "router that answers with a label name",
+    )
+    max_string_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="maxLength of every string field in the answer's JSON schema "
+        "(structured_output: json_schema): a deployed schema bounds its fields, and bounded "
+        "strings let constrained decoding finish within the token limit",
     )
 
 
@@ -708,11 +722,21 @@ class Study(_Strict):
                 )
             if cfg.answer != "generated" and task not in _CHOICE_TASKS:
                 raise ValueError(f"{task}.answer: choice applies to {list(_CHOICE_TASKS)}")
+            if cfg.max_string_length is not None and cfg.structured_output != "json_schema":
+                raise ValueError(
+                    f"{task}.max_string_length bounds the strings of a JSON schema: it needs "
+                    f"{task}.structured_output: json_schema"
+                )
         return v
 
     def task(self, name: str) -> TaskConfig:
         """The settings of task ``name`` (defaults when the study does not name it)."""
         return self.tasks.get(name, TaskConfig())
+
+    @property
+    def string_limits(self) -> dict[str, int]:
+        """Task -> maxLength of the strings in its answer schema, where the study sets one."""
+        return {t: c.max_string_length for t, c in self.tasks.items() if c.max_string_length}
 
     @property
     def structured_tasks(self) -> dict[str, str]:

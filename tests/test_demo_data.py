@@ -34,19 +34,23 @@ def test_every_source_ships_its_provenance_and_licence():
         assert licence in source and "commit" in source
 
 
-def test_fewshot_rows_never_enter_the_eval_set_and_rare_intents_stay_rare():
-    clinc = _rows(DEMO / "sources" / "clinc150" / "clinc150_demo.jsonl")
+def test_fewshot_rows_never_enter_the_eval_set_and_rare_intents_are_declared():
     eval_ids = {r["id"] for r in _rows(DEMO / "demo_eval.jsonl")}
-    fewshot = {r["id"] for r in clinc if r["role"] == "fewshot"}
-    assert fewshot and not fewshot & eval_ids
+    for name in ("clinc150/clinc150_demo.jsonl", "restaurant8k/restaurant8k_demo.jsonl"):
+        rows = _rows(DEMO / "sources" / name)
+        fewshot = {r["id"] for r in rows if r["role"] == "fewshot"}
+        assert fewshot and not fewshot & eval_ids, name
+        assert {r["id"] for r in rows if r["role"] == "eval"} <= eval_ids, name
     study = load_study(DEMO / "study.yaml")
     es = load_eval_set(
         study.resolve(study.eval_set.path), slice_columns=study.eval_set.slice_columns
     )
+    assert set(study.eval_set.rare_labels) == {"cancel a booking", "report fraud"}
     cls = [it for it in es.items if it.task == "classification"]
-    share = {lab: sum(it.label == lab for it in cls) / len(cls) for lab in es.all_labels}
-    rare = {lab for lab, s in share.items() if s < study.eval_set.rare_label_threshold}
-    assert rare == {"cancel a booking", "report fraud"}
+    per_label = {lab: sum(it.label == lab for it in cls) for lab in es.all_labels}
+    assert set(per_label.values()) == {7}  # rare ones oversampled: recall on 14 items, not 2
+    slots = {k for it in es.items if it.task == "extraction" for k in it.fields}
+    assert slots == {"date", "time"}
 
 
 def test_demo_study_asks_for_structured_output_and_labels_the_runtime_change():
@@ -65,3 +69,11 @@ def test_the_prompt_shows_exactly_the_reserved_fewshot_rows():
     for row in clinc:
         shown = f"Message: {row['text']}\n" in template
         assert shown == (row["role"] == "fewshot"), row["id"]
+    for row in _rows(DEMO / "sources" / "restaurant8k" / "restaurant8k_demo.jsonl"):
+        asked = sorted(row["requested_slots"])
+        example = (
+            f"asked the customer for: {', '.join(asked)}.\nCustomer: {json.dumps(row['text'])}\n"
+            "JSON with the customer's exact words for each detail (null if not given):\n"
+            + json.dumps({k: row["fields"][k] for k in asked})
+        )
+        assert (example in template) == (row["role"] == "fewshot"), row["id"]

@@ -253,6 +253,25 @@ def test_derived_slices(tmp_path):
     assert set(edge["length_bucket"]) == {">=64"}
 
 
+def test_declared_rare_labels_replace_the_share_rule_and_unknown_ones_are_refused(tmp_path):
+    """An eval set that oversamples the labels rare in production (so their recall can be
+    measured) declares them: exactly those are rare, whatever their share."""
+    rows = [
+        {"id": f"{lab}{i}", "task": "classification", "input": "x", "label": lab}
+        for lab in ("book", "weather", "fraud")
+        for i in range(10)
+    ]
+    es = load_eval_set(write_jsonl(tmp_path / "e.jsonl", rows))
+    tokens = dict.fromkeys((it.id for it in es), 10)
+    by_share = derive_slices(es, prompt_tokens=tokens, rare_label_threshold=0.05)
+    assert set(by_share["label_rarity"]) == {"common"}  # 33 % each: none rare by share
+    frame = derive_slices(es, prompt_tokens=tokens, rare_labels=["fraud"]).set_index("id")
+    assert frame.loc["fraud3", "label_rarity"] == "rare"
+    assert frame.loc["book3", "label_rarity"] == frame.loc["weather0", "label_rarity"] == "common"
+    with pytest.raises(CompkitError, match=r"rare_labels: \['fruad'\].*'fraud'"):
+        derive_slices(es, prompt_tokens=tokens, rare_labels=["fruad"])
+
+
 def test_stratified_sample_is_deterministic_and_keeps_rare_strata(tmp_path):
     from kit.evalset import stratified_sample
 

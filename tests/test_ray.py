@@ -54,23 +54,35 @@ WORDS = [
     "arrive",
 ]
 #: prompts of very different lengths, so that interleaving by length matters
-ITEMS = [
-    {
-        "id": f"c{i:02d}",
-        "task": "classification",
-        "input": " ".join(WORDS[: 2 + (i * 7) % len(WORDS)] * (1 + i % 3)),
-        "label": ["order_status", "refund", "cancel_order"][i % 3],
-    }
-    for i in range(14)
-] + [
-    {
-        "id": f"g{i}",
-        "task": "generation",
-        "input": " ".join(WORDS[: 3 + i]),
-        "reference": "Your order is on the way.",
-    }
-    for i in range(2)
-]
+ITEMS = (
+    [
+        {
+            "id": f"c{i:02d}",
+            "task": "classification",
+            "input": " ".join(WORDS[: 2 + (i * 7) % len(WORDS)] * (1 + i % 3)),
+            "label": ["order_status", "refund", "cancel_order"][i % 3],
+        }
+        for i in range(14)
+    ]
+    + [
+        {
+            "id": f"g{i}",
+            "task": "generation",
+            "input": " ".join(WORDS[: 3 + i]),
+            "reference": "Your order is on the way.",
+        }
+        for i in range(2)
+    ]
+    + [  # decoded under its JSON schema, with the task's own token limit (on Ray as well)
+        {
+            "id": f"x{i}",
+            "task": "extraction",
+            "input": " ".join(WORDS[: 4 + i]),
+            "fields": {"order_id": "A1", "city": None},
+        }
+        for i in range(2)
+    ]
+)
 #: the columns a run's results are judged on (timings and timestamps differ run to run)
 RESULT = [
     "model",
@@ -125,6 +137,7 @@ def make_study(
         "prompt": {"template": "prompt.jinja"},
         "sampling": {"temperature": temperature, "top_p": 0.95, "max_new_tokens": 6, "seed": 7},
         "repeats": repeats,
+        "tasks": {"extraction": {"structured_output": "json_schema", "max_new_tokens": 12}},
         "baseline": {"name": "base", "runtime": "transformers", "model": str(model)},
         "candidates": [
             candidate
@@ -194,6 +207,7 @@ def test_sharded_run_gives_the_local_run_s_results(
     assert len(sharded) == len(ITEMS) * repeats
     # same bytes out, same seeds, same choice scores, same batches as the local run
     pd.testing.assert_frame_equal(sharded, local)
+    assert all(text.startswith("{") for text in sharded.loc[["x0", "x1"], "output"])  # schema
     if temperature:  # really sampled: one seed per repeat, and the repeats differ somewhere
         assert sharded["seed"].nunique() == repeats
         by_repeat = sharded["output"].unstack("repeat")

@@ -309,3 +309,62 @@ def test_unknown_options_and_devices_are_refused():
 
 def test_logprob_sum_is_finite_for_a_single_token_choice():
     assert math.isfinite(chosen_logprob(np.array([0.0, -np.inf, 1.0]), 0, SamplingConfig()))
+
+
+# ---------------------------------------------------------------------- prompt cache
+
+_FEW_SHOT = "".join(
+    f"Message: {m}\nIntent: {lab}\n"
+    for m, lab in [
+        ("i want to reserve a table for 5 at red robin", "book a table"),
+        ("how are the reviews for tacos at the buffet", "restaurant reviews"),
+        ("is the breakfast place full in the mornings", "how busy is it"),
+        ("las vegas weather today", "weather"),
+        ("i would like to report fraudulent activity on my card", "report fraud"),
+    ]
+)
+_MESSAGES = ["book me a table for two at 8", "is it busy at noon", "my card was stolen"]
+_LABELS = [" book a table", " how busy is it", " report fraud", " weather"]
+
+
+def _every_call(rt: LlamaCppRuntime, order: list[int]) -> dict[int, tuple]:
+    """Generate, score the labels and teacher-force the answer for the items, in ``order``."""
+    from kit.runtimes.base import TokenScoreRequest
+
+    out = {}
+    for i in order:
+        prompt = Prompt(text=f"{_FEW_SHOT}Message: {_MESSAGES[i]}\nIntent:")
+        gen = rt.generate(
+            [GenerationRequest(f"i{i}", prompt, seed=1)],
+            sampling=SamplingConfig(temperature=0.0, max_new_tokens=6),
+        )[0]
+        choice = rt.score_choices([ChoiceRequest(f"i{i}", prompt, _LABELS)])[0]
+        ids = rt.encode_prompt(prompt)
+        forced = rt.score_tokens([TokenScoreRequest(f"i{i}", ids + gen.token_ids, len(ids))])[0]
+        out[i] = (gen.text, gen.token_logprobs, choice.logprobs, forced.target_logprobs)
+    return out
+
+
+@pytest.mark.slow
+def test_the_prompt_cache_reuses_a_shared_prefix_and_changes_no_logit(runtime):
+    """Prompts sharing a few-shot prefix: the cache serves its whole blocks, and every
+    generated token, logprob, choice score and forced logprob is bit-identical whatever order
+    the items come in (so resuming a run changes nothing), and equal to a runtime without the
+    cache (which evaluates in n_batch chunks: equal to float rounding)."""
+    before = runtime.reused_tokens
+    warm = _every_call(runtime, [0, 1, 2])
+    assert runtime.reused_tokens - before > 2 * 64  # the prefix ran once, not per call
+    backwards = _every_call(runtime, [2, 1, 0])
+    cold_rt = LlamaCppRuntime(_spec(options={"prompt_cache": False}))
+    try:
+        cold = _every_call(cold_rt, [0, 1, 2])
+        assert cold_rt.reused_tokens == 0
+    finally:
+        cold_rt.close()
+    for i in range(3):
+        assert warm[i][:3] == backwards[i][:3], i
+        np.testing.assert_array_equal(warm[i][3], backwards[i][3])
+        assert warm[i][0] == cold[i][0], i
+        np.testing.assert_allclose(warm[i][1], cold[i][1], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(warm[i][2], cold[i][2], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(warm[i][3], cold[i][3], rtol=0, atol=1e-4)

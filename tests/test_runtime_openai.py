@@ -533,3 +533,21 @@ def test_llama_cpp_python_default_server_loses_no_answer():
             assert rt.backoff is not None and rt.concurrency == 1
     assert all(g.error is None for g in alone + loaded)
     assert [g.text for g in loaded] == [g.text for g in alone]
+
+
+@pytest.mark.slow
+def test_a_llama_cpp_servers_text_completion_is_decoded_under_the_schema(runtime):
+    """llama-cpp-python's server ignores response_format on /v1/completions; kit sends the
+    GBNF grammar of the schema there, so the reply is the JSON the in-process runtime gives."""
+    schema = {
+        "type": "object",
+        "properties": {"story": {"anyOf": [{"type": "string", "maxLength": 8}, {"type": "null"}]}},
+        "required": ["story"],
+        "additionalProperties": False,
+    }
+    prompt = Prompt(text='A very long story about a dragon, as JSON: {"story": "Once upon a time')
+    req = GenerationRequest("s", prompt, 1, json_schema=schema)
+    assert "grammar" in runtime.request_payload(req, SamplingConfig(max_new_tokens=24))
+    (gen,) = runtime.generate([req], sampling=SamplingConfig(temperature=0.0, max_new_tokens=24))
+    parsed = json.loads(gen.text)
+    assert set(parsed) == {"story"} and (parsed["story"] is None or len(parsed["story"]) <= 8)

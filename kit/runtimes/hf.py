@@ -64,6 +64,7 @@ from kit.runtimes.base import (
     failed_scores,
     position_scores,
 )
+from kit.runtimes.hf_prefix import PrefixCache, shared_length
 from kit.study import ModelSpec, SamplingConfig
 
 T = TypeVar("T")
@@ -164,6 +165,31 @@ class TransformersRuntime(Runtime):
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
         forward = inspect.signature(self.model.forward).parameters
         self._forward_takes = {k for k in ("position_ids", "logits_to_keep") if k in forward}
+        self._prefix = (
+            PrefixCache(self.model, device=self.device, takes=self._forward_takes)
+            if self.spec.options.get("prompt_cache", True)
+            else None
+        )
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens served from the prompt cache so far (:mod:`kit.runtimes.hf_prefix`)."""
+        return self._prefix.reused_tokens if self._prefix is not None else 0
+
+    def _cached_head(self, ids: Sequence[int], limit: int) -> tuple[Any, int]:
+        """A cache holding the whole blocks of ``ids[:limit]`` and their length, or (None, 0)."""
+        if self._prefix is None:
+            return None, 0
+        return self._prefix.take(ids, limit)
+
+    def _after_head(self, ids: Sequence[int], cache: Any, keep: int) -> dict[str, Any]:
+        """Forward arguments for the tail ``ids[keep:]`` of one sequence over ``cache``."""
+        kwargs: dict[str, Any] = {"input_ids": torch.tensor([list(ids[keep:])], device=self.device)}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+            if "position_ids" in self._forward_takes:
+                kwargs["position_ids"] = torch.arange(keep, len(ids), device=self.device)[None]
+        return kwargs
 
     # ------------------------------------------------------------------ prompts
 
@@ -215,7 +241,11 @@ class TransformersRuntime(Runtime):
 
     def _generate_batch(self, batch: list[_Encoded], sampling: SamplingConfig) -> list[Generation]:
         start = time.perf_counter()
-        input_ids, attention_mask = self._left_pad([e.ids for e in batch])
+        rows = [e.ids for e in batch]
+        head, keep = self._cached_head(rows[0], min(shared_length(rows), *map(len, rows)) - 1)
+        input_ids, attention_mask = self._pad(rows, keep)
+        if head is not None:
+            head.batch_repeat_interleave(len(rows))
         tap, raw = _ScoreTap(), _FiniteTap()
         watch = _StepWatch(
             tap,
@@ -235,6 +265,7 @@ class TransformersRuntime(Runtime):
             sequences = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                past_key_values=head,
                 generation_config=self._generation_config(sampling),
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([watch]),
@@ -306,14 +337,19 @@ class TransformersRuntime(Runtime):
                 settings["min_p"] = 0.0  # None would inherit the model's min_p
         return GenerationConfig(**settings)
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, rows: list[list[int]], keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows padded to one width: the shared cached head ``[:keep]`` first, then the pads,
+        then each row's tail (``keep=0``: left padding)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            if r:
-                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-                mask[i, width - len(r) :] = 1
+            if keep:
+                ids[i, :keep] = torch.tensor(r[:keep], dtype=torch.long)
+                mask[i, :keep] = 1
+            if len(r) > keep:
+                ids[i, width - len(r) + keep :] = torch.tensor(r[keep:], dtype=torch.long)
+                mask[i, width - len(r) + keep :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
@@ -366,8 +402,9 @@ class TransformersRuntime(Runtime):
         if any(p.context != context for p in group):  # tokenization diverged: score alone
             return [self._score_shared([p])[0] for p in group]
         sums = [0.0] * len(group)
+        head, keep = self._cached_head(context, len(context) - 1)
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True)
+            out = self.model(**self._after_head(context, head, keep), use_cache=True)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             for j, p in enumerate(group):
                 if p.target:
@@ -443,15 +480,16 @@ class TransformersRuntime(Runtime):
         return results
 
     def _score_sequence(self, req: TokenScoreRequest) -> TokenScores:
-        ids = torch.tensor([list(req.token_ids)], dtype=torch.long, device=self.device)
-        n_scored = len(req.token_ids) - req.start
+        ids = list(req.token_ids)
+        n_scored = len(ids) - req.start
         if n_scored <= 0 or req.start < 1:
             raise CompkitError(f"item {req.item_id!r}: nothing to score (start={req.start})")
-        kwargs: dict[str, Any] = {}
+        head, keep = self._cached_head(ids, req.start - 1)
+        kwargs = self._after_head(ids, head, keep)
         if "logits_to_keep" in self._forward_takes:
             kwargs["logits_to_keep"] = n_scored + 1
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits[0]
+            logits = self.model(use_cache=head is not None, **kwargs).logits[0]
         # the last n_scored + 1 rows are positions start-1 .. end; the last predicts past the end
         logits = logits[-(n_scored + 1) : -1].float().cpu().double().numpy()
         return position_scores(req, logits)

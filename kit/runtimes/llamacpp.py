@@ -84,9 +84,17 @@ from kit.store import file_sha256 as store_sha256
 from kit.structured import gbnf_for
 from kit.study import ModelSpec, SamplingConfig
 
-#: ``spec.options`` keys this runtime reads, with the type each must have.
 #: The ``spec.options`` this runtime reads (declared once, in the registry).
 OPTIONS = RUNTIMES["llamacpp"].options
+
+#: Prompts are evaluated in blocks of this many tokens at fixed positions (0, 32, 64, ...),
+#: so a block's keys and values depend only on the tokens up to its end. With
+#: ``options.prompt_cache`` (default on) the runtime keeps the whole blocks the previous
+#: prompt shares with the next one (a few-shot prefix is evaluated once, as llama-server's
+#: ``cache_prompt`` does), and every logit is bit-identical to evaluating from scratch in
+#: any order: the kept blocks were computed by exactly the operations that would recompute
+#: them.
+PREFILL_BLOCK = 32
 
 #: GGUF ``general.file_type`` number -> name ("Q4_1", "F16", ...).
 FILE_TYPES: dict[int, str] = {
@@ -133,6 +141,11 @@ class LlamaCppRuntime(Runtime):
         self._n_ctx = self.llm.n_ctx()
         self._formatter = _chat_formatter(self.llm)
         self._identity: ModelIdentity | None = None
+        # the tokens of the last prompt evaluated, and how many leading ones are whole blocks
+        # whose keys and values the cache holds (prompt_cache)
+        self._cached: list[int] = []
+        self._cached_blocks = 0
+        self.reused_tokens = 0  # prompt tokens served from the cache (how much it saved)
 
     # ------------------------------------------------------------------ prompts
 
@@ -219,8 +232,7 @@ class LlamaCppRuntime(Runtime):
         text = b""
         ttft: float | None = None
         finish = "length"
-        llm.reset()
-        llm.eval(ids)
+        self._prefill(ids)
         grammar = self._grammar(request.json_schema)
         with _sampler(sampling, request.seed, grammar=grammar) as chain:
             while len(tokens) < limit:
@@ -325,8 +337,7 @@ class LlamaCppRuntime(Runtime):
                 "tokens; raise options.n_ctx for this model"
             )
         llm = self._model()
-        llm.reset()
-        llm.eval(context)
+        self._prefill(context)
         first = self._last_logits()
         sums = []
         for target in targets:
@@ -339,8 +350,8 @@ class LlamaCppRuntime(Runtime):
                     logits = self._last_logits()
             sums.append(total)
             if not self._rewind(len(context)):  # the cache cannot drop a suffix: start again
-                llm.reset()
-                llm.eval(context)
+                self._forget()
+                self._prefill(context)
         return sums
 
     def _rewind(self, n_tokens: int) -> bool:
@@ -351,6 +362,40 @@ class LlamaCppRuntime(Runtime):
             return False
         llm.n_tokens = n_tokens
         return True
+
+    def _forget(self) -> None:
+        self._model().reset()
+        self._cached, self._cached_blocks = [], 0
+
+    def _reusable(self, ids: Sequence[int], limit: int) -> int:
+        """How many leading tokens of ``ids`` (at most ``limit``) the cache can serve: whole
+        blocks of the previous prompt that ``ids`` starts with."""
+        if not self._settings["prompt_cache"]:
+            return 0
+        bound = min(self._cached_blocks, limit)
+        same = 0
+        while same < bound and self._cached[same] == ids[same]:
+            same += 1
+        return same - same % PREFILL_BLOCK
+
+    def _prefill(self, ids: list[int]) -> None:
+        """Evaluate the prompt ``ids`` (logits of its last token ready), reusing cached blocks.
+
+        Without ``prompt_cache`` the prompt runs in one ``eval`` (``n_batch`` chunks) as before."""
+        llm = self._model()
+        if not self._settings["prompt_cache"]:
+            llm.reset()
+            llm.eval(ids)
+            return
+        keep = self._reusable(ids, len(ids) - 1)  # the last token must run: its logits
+        if keep == 0 or not self._rewind(keep):
+            self._forget()
+            keep = 0
+        self._cached, self._cached_blocks = list(ids[:keep]), keep  # valid if eval fails
+        for begin in range(keep, len(ids), PREFILL_BLOCK):
+            llm.eval(ids[begin : begin + PREFILL_BLOCK])
+        self.reused_tokens += keep
+        self._cached, self._cached_blocks = list(ids), len(ids) - len(ids) % PREFILL_BLOCK
 
     # ------------------------------------------------------------------ teacher forcing
 
@@ -383,8 +428,7 @@ class LlamaCppRuntime(Runtime):
         if self._settings["forcing"] == "batch":
             return self._batched_logits(ids, req.start)
         llm = self._model()
-        llm.reset()
-        llm.eval(ids[: req.start])
+        self._prefill(ids[: req.start])
         rows = [self._last_logits()]
         for token in ids[req.start : -1]:
             llm.eval([token])
@@ -392,36 +436,53 @@ class LlamaCppRuntime(Runtime):
         return np.stack(rows).astype(np.float64)
 
     def _batched_logits(self, ids: list[int], start: int) -> np.ndarray:
-        """Every position in ``n_batch`` chunks with logits kept from ``start - 1`` on, as
-        ``llama-perplexity`` evaluates a text (its kernels, not generation's)."""
+        """Every position in chunks with logits kept from ``start - 1`` on, as
+        ``llama-perplexity`` evaluates a text (its kernels, not generation's): ``n_batch``
+        chunks, or with ``prompt_cache`` the fixed blocks (cached ones reused)."""
         llm = self._model()
-        llm.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        size = self._settings["n_batch"]
+        cached = self._settings["prompt_cache"]
+        size = PREFILL_BLOCK if cached else self._settings["n_batch"]
+        keep = self._reusable(ids, start - 1) if cached else 0
+        if keep == 0 or not self._rewind(keep):
+            self._forget()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+            keep = 0
+        self._cached, self._cached_blocks = list(ids[:keep]), keep  # valid if decode fails
         rows = []
         batch = llama_cpp.llama_batch_init(size, 0, 1)
         try:
-            for begin in range(0, len(ids) - 1, size):
+            for begin in range(keep, len(ids) - 1, size):
                 chunk = ids[begin : min(begin + size, len(ids) - 1)]
-                wanted = []
-                for j, token in enumerate(chunk):
-                    pos = begin + j
-                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
-                    batch.seq_id[j][0] = 0
-                    batch.logits[j] = pos >= start - 1
-                    if pos >= start - 1:
-                        wanted.append(j)
-                batch.n_tokens = len(chunk)
-                if llama_cpp.llama_decode(llm.ctx, batch) != 0:
-                    raise RuntimeError(
-                        f"llama_decode failed on tokens {begin}..{begin + len(chunk)}"
-                    )
-                for j in wanted:
-                    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, j)
-                    rows.append(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy())
+                rows.extend(self._decode_chunk(batch, chunk, begin, start))
         finally:
             llama_cpp.llama_batch_free(batch)
+        self.reused_tokens += keep
+        done = len(ids) - 1
+        llm.n_tokens = done
+        self._cached, self._cached_blocks = list(ids[:done]), done - done % PREFILL_BLOCK
         return np.stack(rows).astype(np.float64)
+
+    def _decode_chunk(self, batch: Any, chunk: list[int], begin: int, start: int) -> list:
+        """``llama_decode`` one chunk at positions ``begin...``; the logit rows from
+        ``start - 1`` on."""
+        llm = self._model()
+        wanted = []
+        for j, token in enumerate(chunk):
+            pos = begin + j
+            batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
+            batch.seq_id[j][0] = 0
+            batch.logits[j] = pos >= start - 1
+            if pos >= start - 1:
+                wanted.append(j)
+        batch.n_tokens = len(chunk)
+        if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+            raise RuntimeError(f"llama_decode failed on tokens {begin}..{begin + len(chunk)}")
+        return [
+            np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(llm.ctx, j), shape=(self._n_vocab,)
+            ).copy()
+            for j in wanted
+        ]
 
     def vocabulary_sha256(self) -> str | None:
         """sha256 of the GGUF vocabulary's token texts in id order (JSON list)."""
@@ -600,6 +661,7 @@ def _settings(spec: ModelSpec) -> dict[str, Any]:
         "extra_buffers": options.get("extra_buffers", not amx_unusable()),
         "verbose": options.get("verbose", False),
         "forcing": options.get("teacher_forcing", "batch"),
+        "prompt_cache": options.get("prompt_cache", True),
     }
 
 

@@ -694,11 +694,27 @@ class OpenAIRuntime(Runtime):
         if self.options.stream:
             payload.update(stream=True, stream_options={"include_usage": True})
         if req.json_schema is not None:
-            payload["response_format"] = response_format(
-                req.json_schema, style=self.options.response_format
-            )
+            payload.update(self._schema_body(req.json_schema, chat=chat))
         payload.update(self._extra_body)
         return payload
+
+    def _schema_body(self, schema: Any, *, chat: bool) -> dict[str, Any]:
+        """How the reply is constrained to ``schema``: ``response_format``, except a llama.cpp
+        server's text completions, which ignore it and read a GBNF ``grammar`` (the same one
+        the in-process llama.cpp runtime decodes under; :func:`kit.structured.gbnf_for`)."""
+        if not chat and self._server["flavour"] == "llama.cpp":
+            try:
+                from kit.structured import gbnf_for
+
+                return {"grammar": gbnf_for(schema)}
+            except ImportError as exc:
+                raise CompkitError(
+                    f"model {self.spec.name!r}: a llama.cpp server's text completions are "
+                    "constrained by a GBNF grammar, built by llama-cpp-python's converter, "
+                    f"which is not installed ({exc}); install llama-cpp-python, use chat "
+                    "prompts, or set structured_output: false"
+                ) from exc
+        return {"response_format": response_format(schema, style=self.options.response_format)}
 
     @staticmethod
     def _refused_logprobs(exc: RequestFailed) -> bool:

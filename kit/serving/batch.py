@@ -68,7 +68,7 @@ def run_batch_profiles(
 def _one_size(runtime, prompts, spec, measured, warm, config, sampling, bar) -> ProfileRun:
     seed = repeat_seed(sampling.seed, 0)
     if warm:
-        reqs = [GenerationRequest(i, prompts.prompts[i], seed) for i in warm[: spec.concurrency]]
+        reqs = [_request(prompts, i, seed) for i in warm[: spec.concurrency]]
         runtime.generate(reqs, sampling=sampling)  # discarded
     records: list[RequestRecord] = []
     t0 = time.perf_counter()
@@ -80,9 +80,7 @@ def _one_size(runtime, prompts, spec, measured, warm, config, sampling, bar) -> 
             break
         chunk = measured[start : start + spec.concurrency]
         sent = time.perf_counter() - t0
-        gens = runtime.generate(
-            [GenerationRequest(i, prompts.prompts[i], seed) for i in chunk], sampling=sampling
-        )
+        gens = runtime.generate([_request(prompts, i, seed) for i in chunk], sampling=sampling)
         end = time.perf_counter() - t0
         records += [_record(start + k, g, sent, end) for k, g in enumerate(gens)]
         if bar is not None:
@@ -114,4 +112,11 @@ def _record(index: int, g: Generation, sent: float, end: float) -> RequestRecord
         status="ok" if ok else "error",
         error_class=g.error_class,
         error=g.error,
+    )
+
+
+def _request(prompts: PromptSet, item: str, seed: int) -> GenerationRequest:
+    """The item's request with its answer schema (the batch shares one token limit)."""
+    return GenerationRequest(
+        item, prompts.prompts[item], seed, json_schema=prompts.schemas.get(item)
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kit.errors import CompkitError
@@ -88,18 +88,30 @@ _WORDS = [
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The frozen prompts in the seeded order all models share, with their lengths."""
+    """The frozen prompts in the seeded order all models share, with their lengths, and what
+    each is deployed with: its answer's JSON schema (``structured_output: json_schema``)
+    and its task's token limit (``tasks.<task>.max_new_tokens``)."""
 
     ids: tuple[str, ...]
     prompts: dict[str, Prompt]
     lengths: dict[str, int]
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    limits: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_frozen(cls, prompts: dict[str, Prompt], *, seed: int) -> PromptSet:
+    def from_frozen(
+        cls,
+        prompts: dict[str, Prompt],
+        *,
+        seed: int,
+        schemas: dict[str, dict[str, Any]] | None = None,
+        limits: dict[str, int] | None = None,
+    ) -> PromptSet:
         if not prompts:
             raise CompkitError("the run has no frozen prompts to load the server with")
         lengths = {i: len(_text(p)) for i, p in prompts.items()}
-        return cls(tuple(seeded_order(sorted(prompts), seed)), dict(prompts), lengths)
+        order = tuple(seeded_order(sorted(prompts), seed))
+        return cls(order, dict(prompts), lengths, dict(schemas or {}), dict(limits or {}))
 
     def measured(self, n: int) -> list[str]:
         """The first ``n`` ids of the order (cycling when ``n`` exceeds the prompts)."""
@@ -144,9 +156,14 @@ class EndpointTarget:
     """
 
     def __init__(
-        self, runtime: OpenAIRuntime, sampling: SamplingConfig, *, max_new_tokens: int | None
+        self,
+        runtime: OpenAIRuntime,
+        sampling: SamplingConfig,
+        *,
+        max_new_tokens: int | None,
     ):
         self.runtime = runtime
+        self.fixed_limit = max_new_tokens is not None
         self.sampling = (
             sampling.model_copy(update={"max_new_tokens": max_new_tokens})
             if max_new_tokens
@@ -167,22 +184,36 @@ class EndpointTarget:
         *,
         max_tokens: int | None = None,
         extra: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> RequestSpec:
         sampling = (
             self.sampling
             if max_tokens is None
             else self.sampling.model_copy(update={"max_new_tokens": max_tokens})
         )
-        gen = GenerationRequest(item_id or f"synthetic-{index}", prompt, self.seed)
+        gen = GenerationRequest(
+            item_id or f"synthetic-{index}",
+            prompt,
+            self.seed,
+            json_schema=schema,
+        )
         payload = self.runtime.request_payload(gen, sampling)
         payload.update(extra or {})
         return RequestSpec(index, item_id, phase, self.runtime.request_url(prompt), payload)
 
     def eval_requests(self, measured: Sequence[str], warmup: Sequence[str], prompts: PromptSet):
-        """Warm-up requests first, then the measured ones, indexed in that order."""
+        """Warm-up requests first, then the measured ones, indexed in that order; each with
+        its schema and its task's token limit (unless ``serving.max_new_tokens`` fixes one)."""
         ids = [(i, "warmup") for i in warmup] + [(i, "measure") for i in measured]
         return [
-            self.request(k, item, phase, prompts.prompts[item])
+            self.request(
+                k,
+                item,
+                phase,
+                prompts.prompts[item],
+                max_tokens=None if self.fixed_limit else prompts.limits.get(item),
+                schema=prompts.schemas.get(item),
+            )
             for k, (item, phase) in enumerate(ids)
         ]
 

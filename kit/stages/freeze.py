@@ -46,6 +46,7 @@ from kit.evalset import (
     derive_slices,
     length_bucket_labels,
     load_eval_set,
+    rare_label_set,
     stratified_sample,
 )
 from kit.execute import RunPlan, prompt_counter, run_model
@@ -182,6 +183,11 @@ def prepare(study_path: str | Path) -> tuple[Study, EvalSet, PromptBuilder, Froz
     )
     for item in eval_set:  # a template error surfaces now, before anything is written
         builder.render(item)
+    rare_label_set(  # an unknown declared rare label too
+        {it.id: it.label for it in eval_set.items if it.task == "classification"},
+        threshold=cfg.rare_label_threshold,
+        declared=cfg.rare_labels,
+    )
     if study.perturbations is not None:  # a bad suite fails now (padding is sized at freeze)
         check_suite(study.perturbations, source=str(study.source))
         _check_suite_inputs(study, load_study_eval_set(study, translations=True))
@@ -329,7 +335,7 @@ def _run_baseline(
         runtime=runtime,
         sampling=study.sampling,
         repeats=study.repeats,
-        schemas=plan_schemas(everything, study.structured_tasks),
+        schemas=plan_schemas(everything, study.structured_tasks, string_limits=study.string_limits),
     )
     plan.structured_output = study.baseline.structured_output
     plan.max_new_tokens = study.task_token_limits
@@ -444,6 +450,7 @@ def _write_frozen_copies(
         eval_set,
         prompt_tokens=plan.prompt_tokens,
         rare_label_threshold=study.eval_set.rare_label_threshold,
+        rare_labels=study.eval_set.rare_labels,
         length_edges=study.eval_set.length_buckets,
     )
     slices.to_parquet(frozen / "slices.parquet", index=False)
@@ -476,12 +483,14 @@ def _write_perturbed(
         perturbed.items,
         prompt_tokens=plan.prompt_tokens,
         rare_label_threshold=study.eval_set.rare_label_threshold,
+        rare_labels=study.eval_set.rare_labels,
         length_edges=study.eval_set.length_buckets,
     )
     clean = derive_slices(
         eval_set,
         prompt_tokens=plan.prompt_tokens,
         rare_label_threshold=study.eval_set.rare_label_threshold,
+        rare_labels=study.eval_set.rare_labels,
         length_edges=study.eval_set.length_buckets,
     ).set_index("id")["label_rarity"]
     source = perturbed.frame.set_index("id")["source_id"]

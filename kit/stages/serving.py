@@ -35,6 +35,7 @@ endpoint) raise :class:`~kit.errors.CompkitError` at once, with nothing written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -181,7 +182,7 @@ def run_serving(
         return _nothing_served(run_dir, study)
     specs = select_served(study, models)
     plans = [plan_deploy(s, study, run_dir=run_dir) for s in specs]  # fail before starting
-    prompts = PromptSet.from_frozen(frozen.prompts, seed=cfg.seed)
+    prompts = served_prompts(frozen, seed=cfg.seed)
     slo, slo_source = serving_slo(study, run_dir)
     say = print if progress else (lambda *a, **k: None)
     todo = [p for p in plans if force or not _is_current(p, study, frozen, prompts)]
@@ -287,6 +288,14 @@ def model_folder(run_dir: Path, model: str) -> Path:
     return run_dir / SERVING_DIR / model
 
 
+def served_prompts(frozen: Run, *, seed: int) -> PromptSet:
+    """The frozen prompts as they are deployed: each with its answer schema and its task's
+    token limit, as stage 2 ran them."""
+    limits = frozen.study.task_token_limits
+    by_item = {it.id: limits[it.task] for it in frozen.scoring_set.items if it.task in limits}
+    return PromptSet.from_frozen(frozen.prompts, seed=seed, schemas=frozen.schemas, limits=by_item)
+
+
 def fingerprint(plan: DeployPlan, study: Study, frozen: Run, prompts: PromptSet) -> str:
     """Hash of everything that changes a model's serving measurements."""
     payload = {
@@ -374,6 +383,8 @@ def _load(
     dep: Deployment, study: Study, frozen: Run, prompts: PromptSet, writer, progress
 ) -> list[ProfileRun]:
     cfg = study.serving
+    if not dep.plan.spec.structured_output:  # measured without constrained decoding
+        prompts = dataclasses.replace(prompts, schemas={})
     if dep.in_process:
         return run_batch_profiles(
             dep.runtime,
