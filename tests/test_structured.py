@@ -252,3 +252,25 @@ def test_a_bounded_string_lets_a_runaway_reply_finish_as_json(runtime, tiny_mode
     assert bounded.finish_reason == "stop"
     parsed = json.loads(bounded.text)
     assert parsed["story"] is None or len(parsed["story"]) <= 8
+
+
+def test_sampled_decoding_under_a_schema_draws_only_what_the_grammar_allows(tiny_model_dir):
+    """Temperature and top-p come after the grammar (as in llama.cpp's chain): top-p first
+    could keep only tokens the grammar forbids and leave nothing to draw."""
+    from kit.runtimes.hf import TransformersRuntime
+
+    spec = ModelSpec(name="tiny", runtime="transformers", model=str(tiny_model_dir), batch_size=4)
+    prompts = [Prompt(text=t) for t in ("Where is my order?", "Say hello.", "The cat sat")]
+    hot = SamplingConfig(temperature=0.9, top_p=0.5, max_new_tokens=40)
+    with TransformersRuntime(spec) as rt:
+        gens = rt.generate(
+            [
+                GenerationRequest(f"s{i}", p, seed=i, json_schema=SCHEMA)
+                for i, p in enumerate(prompts)
+            ],
+            sampling=hot,
+        )
+    for g in gens:
+        assert g.error is None
+        _check_follows_schema(g.text)
+        assert all(lp <= 0.0 for lp in g.token_logprobs)  # the model's own (warped) logprobs

@@ -246,7 +246,7 @@ class TransformersRuntime(Runtime):
         input_ids, attention_mask = self._pad(rows, keep)
         if head is not None:
             head.batch_repeat_interleave(len(rows))
-        tap, raw = _ScoreTap(), _FiniteTap()
+        tap, raw = _ScoreTap(_warpers(sampling)), _FiniteTap()
         watch = _StepWatch(
             tap,
             eos_ids=self.eos_ids,
@@ -255,10 +255,13 @@ class TransformersRuntime(Runtime):
             prompt_len=input_ids.shape[1],
             device=self.device,
         )
-        processors = LogitsProcessorList([raw, *_warpers(sampling), tap])
+        # as llama.cpp's chain: the grammar masks first, then temperature and top-p draw from
+        # what it allows (top-p first could leave nothing allowed); the tap records the
+        # model's own sampling distribution, without the grammar
         grammar = self._grammar_processor(batch, prompt_len=input_ids.shape[1])
-        if grammar is not None:
-            processors.append(grammar)  # after the tap: logprobs stay the model's own
+        processors = LogitsProcessorList(
+            [raw, tap, *([grammar] if grammar is not None else []), *_warpers(sampling)]
+        )
         if not sampling.greedy:
             torch.manual_seed(batch[0].request.seed)
         with torch.inference_mode():
@@ -572,13 +575,19 @@ class TransformersRuntime(Runtime):
 
 
 class _ScoreTap(LogitsProcessor):
-    """Last logits processor: keeps the final processed scores of the current step."""
+    """Keeps the scores of the current step as the model's sampling distribution gives them
+    (its ``warpers``, temperature and top-p, applied to a copy; no grammar); passes the raw
+    scores on unchanged."""
 
-    def __init__(self) -> None:
+    def __init__(self, warpers: Sequence[LogitsProcessor] = ()) -> None:
+        self.warpers = list(warpers)
         self.scores: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.scores = scores
+        warped = scores
+        for warper in self.warpers:
+            warped = warper(input_ids, warped.clone())
+        self.scores = warped
         return scores
 
 
@@ -660,7 +669,7 @@ class _StepWatch(StoppingCriteria):
 
 
 def _warpers(sampling: SamplingConfig) -> list[LogitsProcessor]:
-    """Temperature and top-p, applied before the score tap (logprobs are post-warping)."""
+    """Temperature and top-p (the score tap applies them too: logprobs are post-warping)."""
     if sampling.greedy:
         return []
     warpers: list[LogitsProcessor] = []
