@@ -518,3 +518,32 @@ def test_the_prompt_cache_serves_a_shared_head_without_changing_answers(tiny):
         assert warm[i][2] == pytest.approx(cold[i][2], abs=1e-4)
         assert list(warm[i][3]) == list(again[i][3])
         assert list(warm[i][3]) == pytest.approx(list(cold[i][3]), abs=1e-4)
+
+
+def test_a_sliding_window_model_runs_every_prompt_whole(tiny):
+    """A sliding-window cache keeps no plain per-position history: the prompt cache steps
+    aside (nothing reused) and the answers equal a runtime without it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=tiny.model.config.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=512,
+    )
+    model = MistralForCausalLM(config).eval()
+    spec = tiny.spec.model_copy(update={"batch_size": 4})
+    rt = TransformersRuntime.from_model(model, tiny.tokenizer, spec)
+    off = TransformersRuntime.from_model(
+        model, tiny.tokenizer, spec.model_copy(update={"options": {"prompt_cache": False}})
+    )
+    warm, cold = _cache_calls(rt, [0, 1, 2, 3]), _cache_calls(off, [0, 1, 2, 3])
+    assert rt.reused_tokens == 0
+    for i in range(4):
+        assert warm[i][0] == cold[i][0]
+        assert warm[i][2] == pytest.approx(cold[i][2], abs=1e-5)

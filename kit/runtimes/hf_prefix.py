@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 #: Prompt heads are evaluated and shared in blocks of this many tokens (as the llama.cpp
 #: runtime's :data:`kit.runtimes.llamacpp.PREFILL_BLOCK`).
@@ -58,6 +59,7 @@ class PrefixCache:
         self._tokens: list[int] = []
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reused_tokens = 0  # head tokens served from the cache (what it saved)
+        self.usable = True  # False for caches that are not plain per-position keys/values
 
     def take(self, ids: Sequence[int], limit: int) -> tuple[DynamicCache | None, int]:
         """A fresh cache of ``ids[:keep]``, ``keep`` = ``limit`` rounded down to whole blocks.
@@ -65,13 +67,15 @@ class PrefixCache:
         Returns ``(None, 0)`` when not even one block fits under ``limit``.
         """
         keep = limit - limit % PREFILL_BLOCK
-        if keep <= 0:
+        if keep <= 0 or not self.usable:
             return None, 0
         have = min(shared_length([self._tokens, ids[:keep]]), keep)
         have -= have % PREFILL_BLOCK
         self.reused_tokens += have
         if have < keep:
             self._extend(ids, have, keep)
+            if not self.usable:
+                return None, 0
         return self._copy(keep), keep
 
     def _extend(self, ids: Sequence[int], have: int, keep: int) -> None:
@@ -88,6 +92,11 @@ class PrefixCache:
                     ).unsqueeze(0)
                 out = self.model(input_ids=torch.tensor([block], device=self.device), **kwargs)
                 cache = out.past_key_values
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            # sliding-window or other layers keep no plain per-position history to share:
+            # this model runs every prompt whole, as with prompt_cache: false
+            self.usable, self._tokens, self._layers = False, [], []
+            return
         self._tokens = list(ids[:keep])
         self._layers = [(layer.keys, layer.values) for layer in cache.layers]
 
