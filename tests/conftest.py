@@ -144,6 +144,39 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+def save_tiny_llama(folder: Path, tok, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """Save a tiny random Llama (real nn.Linear layers, like SmolLM2) sized for ``tok`` into
+    ``folder`` with the tokenizer; ``hidden`` sets the width (the MLP is twice as wide)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A tiny random Llama (2 layers, 64 dims) with the tiny GPT-2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tok)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The float32 folder of builtin SmolLM2-135M-Instruct (converted once, cached)."""

@@ -518,25 +518,6 @@ NB_ITEMS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, tiny_model_dir):
-    """A tiny random Llama (real nn.Linear layers) with the tiny tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama-cal")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.notebooks
 def test_notebook_04_runs_under_papermill(tmp_path, tiny_llama_dir):
     import papermill as pm

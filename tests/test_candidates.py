@@ -48,32 +48,6 @@ ITEMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, tiny_model_dir):
-    """A tiny random Llama (real nn.Linear layers, like SmolLM2) with the tiny tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def make_study(d: Path, model_dir: Path, candidates: list[dict], *, repeats: int = 2) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ITEMS))

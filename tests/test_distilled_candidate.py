@@ -54,9 +54,9 @@ ITEMS = [
 def student_dir(tmp_path_factory) -> Path:
     """A tiny Llama with its own byte-level BPE (another vocabulary, other special tokens)
     and a '### Role:' chat template: nothing is shared with the baseline's tokenizer."""
-    import torch
+    from conftest import save_tiny_llama
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("student")
     corpus = [it["input"] for it in ITEMS] + ["### User: hello ### Assistant: hi there"] * 3
@@ -68,22 +68,7 @@ def student_dir(tmp_path_factory) -> Path:
         tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
     tok.chat_template = STUDENT_CHAT_TEMPLATE
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        num_hidden_layers=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tok, layers=1, hidden=32, seed=1)
 
 
 @pytest.fixture(scope="module")

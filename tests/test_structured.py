@@ -13,6 +13,13 @@ from kit.structured import field_types, json_schema_for, plan_schemas
 from kit.study import ModelSpec, SamplingConfig
 
 FIELDS = {"people": "2", "date": None, "time": "7pm"}
+#: the fields every test study needs
+_STUDY_BASE = {
+    "name": "s",
+    "eval_set": {"path": "x.jsonl"},
+    "prompt": {"template": "t.jinja"},
+    "baseline": {"name": "b", "runtime": "transformers", "model": "m"},
+}
 
 
 def _set(items: list[EvalItem]) -> EvalSet:
@@ -80,18 +87,12 @@ def test_study_refuses_structured_output_on_a_task_without_json():
 
     from kit.study import Study
 
-    base = {
-        "name": "s",
-        "eval_set": {"path": "x.jsonl"},
-        "prompt": {"template": "t.jinja"},
-        "baseline": {"name": "b", "runtime": "transformers", "model": "m"},
-    }
-    ok = Study(**base, tasks={"extraction": {"structured_output": "json_schema"}})
+    ok = Study(**_STUDY_BASE, tasks={"extraction": {"structured_output": "json_schema"}})
     assert ok.structured_tasks == {"extraction": "json_schema"}
     with pytest.raises(ValidationError, match="JSON answers"):
-        Study(**base, tasks={"refusal": {"structured_output": "json_schema"}})
+        Study(**_STUDY_BASE, tasks={"refusal": {"structured_output": "json_schema"}})
     with pytest.raises(ValidationError, match="choice"):
-        Study(**base, tasks={"extraction": {"answer": "choice"}})
+        Study(**_STUDY_BASE, tasks={"extraction": {"answer": "choice"}})
 
 
 def test_openai_payload_carries_the_schema():
@@ -193,19 +194,13 @@ def test_max_string_length_bounds_every_string_field_and_needs_a_schema():
     es = _set(_items())
     bounded = plan_schemas(es, {"extraction": "json_schema"}, string_limits={"extraction": 5})
     assert bounded["e1"]["properties"]["date"]["anyOf"][0]["maxLength"] == 5
-    base = {
-        "name": "s",
-        "eval_set": {"path": "x.jsonl"},
-        "prompt": {"template": "t.jinja"},
-        "baseline": {"name": "b", "runtime": "transformers", "model": "m"},
-    }
     study = Study(
-        **base,
+        **_STUDY_BASE,
         tasks={"extraction": {"structured_output": "json_schema", "max_string_length": 24}},
     )
     assert study.string_limits == {"extraction": 24}
     with pytest.raises(ValidationError, match=r"needs extraction\.structured_output"):
-        Study(**base, tasks={"extraction": {"max_string_length": 24}})
+        Study(**_STUDY_BASE, tasks={"extraction": {"max_string_length": 24}})
 
 
 @pytest.mark.slow
